@@ -1,0 +1,13 @@
+"""lightning-timeprest: pipeline-parallel training of unchanged LightningModules.
+
+Importing the package registers the strategy names with Lightning, so ``Trainer(strategy="gpipe")`` works.
+"""
+
+from lightning_timeprest.registry import register
+from lightning_timeprest.schedules import SCHEDULES
+from lightning_timeprest.strategy import PipelineConfigError, TiMePReStStrategy
+
+__all__ = ["SCHEDULES", "PipelineConfigError", "TiMePReStStrategy"]
+__version__ = "0.1.0"
+
+register()

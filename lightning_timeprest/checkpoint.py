@@ -1,0 +1,143 @@
+"""Whole-model checkpoints from a model that lives in pieces.
+
+A pipeline checkpoint is an ordinary Lightning checkpoint: rank 0 gathers every stage's tensors into one
+``state_dict`` under the original keys (so ``LightningModule.load_from_checkpoint`` works in one process), and
+every stage's optimizer state into one optimizer state dict.
+
+The optimizer state is consolidated as one single-process optimizer would have saved it: parameter groups in
+the order ``configure_optimizers`` made them, parameters inside a group in the model's parameter order,
+integer ids in that order; each group also carries ``param_names`` (torch's own key for it). Loading picks a
+stage's entries by name, so nothing depends on how the model was cut into stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "CheckpointError",
+    "canonical_param_names",
+    "consolidate_optimizer_states",
+    "local_optimizer_state",
+    "merge_state_dicts",
+    "named_optimizer_state",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model or the optimizer it is loaded into."""
+
+
+def canonical_param_names(module: nn.Module, param_order: Sequence[str]) -> dict[int, str]:
+    """Map ``id(param)`` to the name the parameter has in the full model.
+
+    A tied parameter has several names; the canonical one is the name that comes first in the full model's
+    ``named_parameters()`` order, which every rank knows, so all stages agree on it.
+    """
+    rank = {name: i for i, name in enumerate(param_order)}
+    names: dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if name in rank and (id(p) not in names or rank[name] < rank[names[id(p)]]):
+            names[id(p)] = name
+    return names
+
+
+def _cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _cpu(v) for k, v in value.items()}
+    return value
+
+
+def merge_state_dicts(parts: Sequence[Mapping[str, Tensor]], key_order: Sequence[str]) -> dict[str, Tensor]:
+    """Merge per-stage state-dict parts; every key of ``key_order`` must be in exactly one part."""
+    merged: dict[str, Tensor] = {}
+    for part in parts:
+        merged.update(part)
+    missing = [k for k in key_order if k not in merged]
+    if missing:
+        raise CheckpointError(f"no stage holds the state-dict entries {missing[:5]}")
+    return {k: merged[k] for k in key_order}
+
+
+def named_optimizer_state(optimizer: Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` keyed by parameter name instead of position (tensors on CPU)."""
+    state_dict = optimizer.state_dict()
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    index_to_name = {i: names[id(p)] for i, p in enumerate(ordered)}
+    groups = []
+    for group in state_dict["param_groups"]:
+        hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        groups.append({**hyper, "params": [index_to_name[i] for i in group["params"]]})
+    state = {index_to_name[i]: _cpu(s) for i, s in state_dict["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def consolidate_optimizer_states(parts: Sequence[Mapping[str, Any]], param_order: Sequence[str]) -> dict[str, Any]:
+    """Merge the per-stage named optimizer states into the state dict of one whole-model optimizer."""
+    num_groups = {len(p["param_groups"]) for p in parts}
+    if len(num_groups) != 1:
+        raise CheckpointError(
+            f"the stages' optimizers have different numbers of parameter groups ({sorted(num_groups)}); "
+            "configure_optimizers must build the same groups on every stage (empty groups are fine)"
+        )
+    position = {name: i for i, name in enumerate(param_order)}
+    state: dict[str, Any] = {}
+    for part in parts:
+        for name, s in part["state"].items():
+            state.setdefault(name, s)
+    groups = []
+    next_id = 0
+    ids: dict[str, int] = {}
+    for g in range(num_groups.pop()):
+        names = sorted({n for part in parts for n in part["param_groups"][g]["params"]}, key=position.__getitem__)
+        hyper = {k: v for k, v in parts[0]["param_groups"][g].items() if k != "params"}
+        for n in names:
+            ids[n] = next_id
+            next_id += 1
+        groups.append({**hyper, "params": [ids[n] for n in names], "param_names": names})
+    return {"state": {ids[n]: s for n, s in state.items()}, "param_groups": groups}
+
+
+def local_optimizer_state(optimizer: Optimizer, saved: Mapping[str, Any], names: Mapping[int, str]) -> dict[str, Any]:
+    """The part of a consolidated optimizer state that belongs to ``optimizer`` (this stage's parameters).
+
+    Tensors stay where they are: ``optimizer.load_state_dict`` moves them to their parameters' devices.
+    """
+    saved_groups = saved["param_groups"]
+    if any("param_names" not in g for g in saved_groups):
+        raise CheckpointError(
+            "the checkpoint's optimizer state has no parameter names, so it cannot be matched to pipeline stages; "
+            "it was not written by a lightning-timeprest strategy"
+        )
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, configure_optimizers made "
+            f"{len(optimizer.param_groups)}"
+        )
+    saved_state_by_name = {}
+    for g in saved_groups:
+        for i, n in zip(g["params"], g["param_names"], strict=True):
+            if i in saved["state"]:
+                saved_state_by_name[n] = saved["state"][i]
+    state = {}
+    groups = []
+    index = 0
+    for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
+        local_ids = []
+        for p in group["params"]:
+            name = names[id(p)]
+            if name not in saved_group["param_names"]:
+                raise CheckpointError(f"parameter {name!r} is not in the same optimizer group in the checkpoint")
+            if name in saved_state_by_name:
+                state[index] = saved_state_by_name[name]
+            local_ids.append(index)
+            index += 1
+        hyper = {k: v for k, v in saved_group.items() if k not in ("params", "param_names")}
+        groups.append({**hyper, "params": local_ids})
+    return {"state": state, "param_groups": groups}

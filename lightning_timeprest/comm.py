@@ -1,0 +1,221 @@
+"""Point-to-point communication between neighbouring pipeline stages, over torch.distributed.
+
+Three process groups per pipeline keep independent traffic apart, so that messages of one kind can never be
+matched against, or wait behind, messages of another kind between the same pair of ranks:
+
+* activations (forward, stage s -> s+1),
+* gradients (backward, stage s+1 -> s),
+* control (small pickled objects: logged values, predictions, checkpoint shards; always gloo).
+
+Sends are asynchronous (``isend``), so a stage never blocks on a peer that is busy; every receive is bounded
+by ``timeout``, so a dead or stuck peer ends the waiting rank with an error instead of a hang. A peer that
+crashes closes its sockets and gloo reports it at once.
+
+gloo cannot send CUDA tensors between processes that share one GPU, so with gloo every tensor is staged
+through CPU memory; with nccl tensors travel from the device directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["PipelineCommError", "PipelineGroups", "StageComm", "new_pipeline_groups"]
+
+_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+)
+_HEADER_LEN = 256
+_TENSOR, _TUPLE, _LIST = 0, 1, 2
+
+
+class PipelineCommError(RuntimeError):
+    """A transfer between stages failed or timed out (usually: a peer rank died or is stuck)."""
+
+
+@dataclass
+class PipelineGroups:
+    """The process groups of the pipeline this rank belongs to."""
+
+    ranks: tuple[int, ...]
+    activations: Any
+    gradients: Any
+    control: Any
+
+
+def new_pipeline_groups(
+    pipelines: Sequence[Sequence[int]], rank: int, backend: str, timeout: timedelta
+) -> PipelineGroups:
+    """Create the groups of every pipeline (a collective: every rank calls it with the same ``pipelines``)."""
+    mine: PipelineGroups | None = None
+    for ranks in pipelines:
+        groups = PipelineGroups(
+            tuple(ranks),
+            dist.new_group(list(ranks), backend=backend, timeout=timeout),
+            dist.new_group(list(ranks), backend=backend, timeout=timeout),
+            dist.new_group(list(ranks), backend="gloo", timeout=timeout),
+        )
+        if rank in ranks:
+            mine = groups
+    if mine is None:
+        raise ValueError(f"rank {rank} belongs to none of the pipelines {pipelines}")
+    return mine
+
+
+def _flatten(value: Any) -> tuple[int, list[Tensor]]:
+    if isinstance(value, Tensor):
+        return _TENSOR, [value]
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value):
+        return (_TUPLE if isinstance(value, tuple) else _LIST), list(value)
+    raise PipelineCommError(
+        f"a stage boundary can carry a tensor or a tuple/list of tensors, got {type(value).__name__}; move the "
+        "split so that the layers at the boundary exchange tensors"
+    )
+
+
+def _unflatten(kind: int, tensors: list[Tensor]) -> Any:
+    if kind == _TENSOR:
+        return tensors[0]
+    return tuple(tensors) if kind == _TUPLE else list(tensors)
+
+
+@dataclass
+class StageComm:
+    """Activation and gradient transfers of one stage with its neighbours."""
+
+    stage: int
+    groups: PipelineGroups
+    device: torch.device
+    timeout: timedelta
+    backend: str
+    _pending: list[tuple[Any, list[Tensor]]] = field(default_factory=list)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.groups.ranks)
+
+    def _rank_of(self, stage: int) -> int:
+        return self.groups.ranks[stage]
+
+    @property
+    def _wire_device(self) -> torch.device:
+        return torch.device("cpu") if self.backend == "gloo" else self.device
+
+    def _isend(self, tensor: Tensor, stage: int, group: Any) -> None:
+        tensor = tensor.detach().to(self._wire_device).contiguous()
+        work = dist.isend(tensor, self._rank_of(stage), group=group)
+        self._pending.append((work, [tensor]))
+
+    def _recv(self, tensor: Tensor, stage: int, group: Any, what: str) -> Tensor:
+        work = dist.irecv(tensor, self._rank_of(stage), group=group)
+        try:
+            work.wait(timeout=self.timeout)
+        except RuntimeError as err:
+            raise PipelineCommError(
+                f"stage {self.stage} (rank {dist.get_rank()}) waited for {what} from stage {stage} "
+                f"(rank {self._rank_of(stage)}) and got no answer: {err}"
+            ) from err
+        return tensor
+
+    def send_activation(self, value: Any) -> None:
+        """Send a stage output (tensor or tuple/list of tensors) to the next stage."""
+        kind, tensors = _flatten(value)
+        header = [kind, len(tensors)]
+        for t in tensors:
+            header += [_DTYPES.index(t.dtype), int(t.requires_grad), t.dim(), *t.shape]
+        if len(header) > _HEADER_LEN:
+            raise PipelineCommError(f"stage output is too complex to send ({len(tensors)} tensors)")
+        buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+        buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
+        group = self.groups.activations
+        self._isend(buf, self.stage + 1, group)
+        for t in tensors:
+            self._isend(t, self.stage + 1, group)
+
+    def recv_activation(self, requires_grad: bool) -> Any:
+        """Receive the previous stage's output; float tensors sent with ``requires_grad`` get it here too."""
+        group = self.groups.activations
+        header = self._recv(torch.empty(_HEADER_LEN, dtype=torch.int64), self.stage - 1, group, "an activation")
+        values = header.tolist()
+        kind, count, pos = values[0], values[1], 2
+        tensors = []
+        for _ in range(count):
+            dtype, grad, ndim = _DTYPES[values[pos]], bool(values[pos + 1]), values[pos + 2]
+            shape = values[pos + 3 : pos + 3 + ndim]
+            pos += 3 + ndim
+            t = self._recv(
+                torch.empty(shape, dtype=dtype, device=self._wire_device),
+                self.stage - 1,
+                group,
+                "an activation",
+            )
+            t = t.to(self.device)
+            if grad and requires_grad:
+                t.requires_grad_(True)
+            tensors.append(t)
+        return _unflatten(kind, tensors)
+
+    def send_gradients(self, inputs: Any) -> None:
+        """Send to the previous stage the gradients of the inputs that arrived with ``requires_grad``."""
+        for t in _flatten(inputs)[1]:
+            if t.requires_grad:
+                self._isend(
+                    t.grad if t.grad is not None else torch.zeros_like(t),
+                    self.stage - 1,
+                    self.groups.gradients,
+                )
+
+    def recv_gradients(self, outputs: Any) -> list[tuple[Tensor, Tensor]]:
+        """Receive the next stage's gradients for ``outputs``; return ``(output, grad)`` pairs to back-propagate."""
+        pairs = []
+        for t in _flatten(outputs)[1]:
+            if t.requires_grad:
+                buf = torch.empty(t.shape, dtype=t.dtype, device=self._wire_device)
+                grad = self._recv(buf, self.stage + 1, self.groups.gradients, "a gradient")
+                pairs.append((t, grad.to(self.device)))
+        return pairs
+
+    def wait_sends(self) -> None:
+        """Block until every posted send has completed (its buffer can then be freed)."""
+        pending, self._pending = self._pending, []
+        for work, _ in pending:
+            try:
+                work.wait(timeout=self.timeout)
+            except RuntimeError as err:
+                raise PipelineCommError(f"stage {self.stage}: a send to a neighbour did not complete: {err}") from err
+
+    # -- control plane: small Python objects over the gloo control group ----------------------------------
+
+    def send_object(self, obj: Any, dst_stage: int) -> None:
+        dist.send_object_list([obj], dst=self._rank_of(dst_stage), group=self.groups.control)
+
+    def recv_object(self, src_stage: int) -> Any:
+        box: list[Any] = [None]
+        dist.recv_object_list(box, src=self._rank_of(src_stage), group=self.groups.control)
+        return box[0]
+
+    def broadcast_object(self, obj: Any, src_stage: int) -> Any:
+        box = [obj if self.stage == src_stage else None]
+        dist.broadcast_object_list(box, src=self._rank_of(src_stage), group=self.groups.control)
+        return box[0]
+
+    def gather_objects(self, obj: Any, dst_stage: int = 0) -> list[Any] | None:
+        out: list[Any] | None = [None] * self.num_stages if self.stage == dst_stage else None
+        dist.gather_object(obj, out, dst=self._rank_of(dst_stage), group=self.groups.control)
+        return out

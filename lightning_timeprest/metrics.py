@@ -1,0 +1,178 @@
+"""Making what the user logs in a pipelined step reach Lightning with the true mini-batch values.
+
+Only the last stage runs the user's step to its end, once per micro-batch. Its ``self.log`` calls are therefore
+recorded instead of logged (:class:`LogCapture`), reduced over the micro-batches the way Lightning would have
+reduced them over one whole batch (:func:`reduce_logged`), sent to every stage, and logged there once per
+mini-batch (:func:`replay`). Every rank logs the same values, so rank 0's progress bar and loggers show them
+and callbacks that compare metrics across ranks (checkpointing, early stopping) agree.
+
+torchmetrics ``Metric`` objects logged in a step are updated on the last stage; their state is copied to the
+other stages with the logged records. While a step runs, each metric accumulates that mini-batch alone and is
+merged into its running state afterwards (:func:`metric_step_scope`), so the step value Lightning shows is the
+metric over the whole mini-batch, as on one device.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["LogCapture", "LoggedValue", "metric_states", "metric_step_scope", "reduce_logged", "replay"]
+
+_LOG_SIGNATURE = inspect.signature(LightningModule.log)
+_REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+_TORCH_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
+
+
+@dataclass
+class LoggedValue:
+    """One reduced ``self.log`` call: a tensor on CPU, or the attribute path of a logged ``Metric``."""
+
+    name: str
+    value: Tensor | None
+    metric_path: str | None
+    kwargs: dict[str, Any]
+
+
+class LogCapture:
+    """Records the ``self.log`` calls of a module, one list per micro-batch."""
+
+    def __init__(self, module: LightningModule) -> None:
+        self.module = module
+        self.calls: list[list[tuple[str, Any, dict[str, Any]]]] = []
+
+    @contextmanager
+    def microbatch(self) -> Iterator[None]:
+        calls: list[tuple[str, Any, dict[str, Any]]] = []
+        self.calls.append(calls)
+
+        def log(*args: Any, **kwargs: Any) -> None:
+            bound = _LOG_SIGNATURE.bind(self.module, *args, **kwargs)
+            arguments = dict(bound.arguments)
+            arguments.pop("self")
+            calls.append((arguments.pop("name"), arguments.pop("value"), arguments))
+
+        self.module.log = log  # an instance attribute shadows LightningModule.log (log_dict calls it too)
+        try:
+            yield
+        finally:
+            del self.module.log
+
+
+def _reduction(reduce_fx: Any) -> str:
+    key = _REDUCTIONS.get(reduce_fx) if isinstance(reduce_fx, str) else _TORCH_REDUCTIONS.get(reduce_fx)
+    if key is None:
+        raise ValueError(f"self.log(reduce_fx={reduce_fx!r}) is not supported; use 'mean', 'sum', 'max' or 'min'")
+    return key
+
+
+def _as_tensor(value: Any) -> Tensor:
+    tensor = value.detach() if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.get_default_dtype())
+    if tensor.numel() != 1:
+        raise ValueError(f"self.log expects a scalar, got a tensor of shape {tuple(tensor.shape)}")
+    return tensor.reshape(())
+
+
+def reduce_logged(
+    module: LightningModule, calls: Sequence[Sequence[tuple[str, Any, dict[str, Any]]]], sizes: Sequence[int]
+) -> list[LoggedValue]:
+    """Reduce per-micro-batch log calls to one value per name, as one call on the whole mini-batch would be.
+
+    ``mean`` is the mean weighted by micro-batch size (or by the ``batch_size`` given to ``self.log``); ``sum``,
+    ``max`` and ``min`` reduce plainly. The ``batch_size`` passed on is the mini-batch's.
+    """
+    by_name: dict[str, list[tuple[Any, dict[str, Any], int]]] = {}
+    for mb_calls, size in zip(calls, sizes, strict=True):
+        for name, value, kwargs in mb_calls:
+            by_name.setdefault(name, []).append((value, kwargs, size))
+    paths = {id(m): name for name, m in module.named_modules() if isinstance(m, Metric)}
+    out = []
+    for name, entries in by_name.items():
+        value, kwargs, _ = entries[-1]
+        kwargs = dict(kwargs)
+        weights = [kw.get("batch_size") or size for _, kw, size in entries]
+        kwargs["batch_size"] = int(sum(weights))
+        if isinstance(value, Metric):
+            if id(value) not in paths:
+                raise ValueError(f"self.log({name!r}, metric): the Metric must be an attribute of the LightningModule")
+            out.append(LoggedValue(name, None, paths[id(value)], kwargs))
+            continue
+        tensors = [_as_tensor(v) for v, _, _ in entries]
+        dtype = tensors[-1].dtype if tensors[-1].is_floating_point() else torch.get_default_dtype()
+        stacked = torch.stack([t.to(torch.float64).cpu() for t in tensors])
+        how = _reduction(kwargs.get("reduce_fx", "mean"))
+        if how == "mean":
+            w = torch.tensor(weights, dtype=torch.float64)
+            reduced = (stacked * w).sum() / w.sum()
+        else:
+            reduced = getattr(stacked, how)()
+        out.append(LoggedValue(name, reduced.to(dtype), None, kwargs))
+    return out
+
+
+def metric_states(module: LightningModule, logged: Sequence[LoggedValue]) -> dict[str, dict[str, Any]]:
+    """The state of every ``Metric`` in ``logged``, on CPU, ready to be sent to other stages."""
+    states = {}
+    for item in logged:
+        if item.metric_path is not None and item.metric_path not in states:
+            metric = module.get_submodule(item.metric_path)
+            state = {
+                k: apply_to_collection(v, Tensor, lambda t: t.detach().cpu()) for k, v in metric.metric_state.items()
+            }
+            extra = {"_update_count": metric._update_count, "_forward_cache": metric._forward_cache}
+            states[item.metric_path] = {
+                "state": state,
+                **apply_to_collection(extra, Tensor, lambda t: t.detach().cpu()),
+            }
+    return states
+
+
+def replay(module: LightningModule, logged: Sequence[LoggedValue], states: dict[str, dict[str, Any]]) -> None:
+    """Log the reduced values with Lightning's own ``self.log`` on this rank (outside any capture)."""
+    device = module.device
+    for path, saved in states.items():
+        metric = module.get_submodule(path)
+        for key, value in saved["state"].items():
+            setattr(metric, key, apply_to_collection(value, Tensor, lambda t: t.to(device)))
+        metric._update_count = saved["_update_count"]
+        metric._forward_cache = apply_to_collection(saved["_forward_cache"], Tensor, lambda t: t.to(device))
+        metric._computed = None
+    for item in logged:
+        if item.metric_path is not None:
+            module.log(item.name, module.get_submodule(item.metric_path), **item.kwargs)
+        else:
+            assert item.value is not None
+            module.log(item.name, item.value.to(device), **item.kwargs)
+
+
+@contextmanager
+def metric_step_scope(module: LightningModule) -> Iterator[None]:
+    """Let every ``Metric`` of ``module`` accumulate one mini-batch alone, then merge it into its running state.
+
+    Afterwards ``metric._forward_cache`` (what Lightning logs on step) is the metric over the whole mini-batch,
+    not over its last micro-batch. Metrics with ``full_state_update=True`` cannot be merged (torchmetrics
+    forbids it) and are left alone: their step value is that of the last micro-batch.
+    """
+    saved = []
+    for metric in module.modules():
+        if isinstance(metric, Metric) and not metric.full_state_update and not metric.dist_sync_on_step:
+            state = {k: apply_to_collection(v, Tensor, torch.clone) for k, v in metric.metric_state.items()}
+            saved.append((metric, state, metric._update_count, metric._forward_cache))
+            metric.reset()
+    try:
+        yield
+    finally:
+        for metric, state, count, forward_cache in saved:
+            metric._forward_cache = metric.compute() if metric._update_count > 0 else forward_cache
+            metric.merge_state(state)
+            metric._update_count += count
+            metric._computed = None

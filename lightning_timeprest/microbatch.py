@@ -1,0 +1,93 @@
+"""Splitting a mini-batch into micro-batches and joining per-micro-batch outputs back.
+
+Any batch structure Lightning accepts works: a tensor, or tuples, lists, dicts, namedtuples and dataclasses of
+them, nested. Every tensor with at least one dimension is split along dim 0; all of them must agree on that
+size (the batch size). Scalars, 0-dim tensors and other leaves are passed unchanged to every micro-batch.
+
+Sizes follow :func:`torch.tensor_split`: N parts that differ by at most one sample, larger parts first. A
+mean-reduced loss is then recovered exactly as the size-weighted mean of the micro-batch losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+__all__ = ["MicroBatchError", "batch_size", "join", "microbatch_sizes", "split"]
+
+
+class MicroBatchError(ValueError):
+    """A batch cannot be split into the requested micro-batches."""
+
+
+def batch_size(batch: Any) -> int:
+    """The common dim-0 size of every tensor in ``batch`` (with at least one dimension)."""
+    sizes: list[int] = []
+    apply_to_collection(batch, Tensor, lambda t: sizes.append(t.shape[0]) if t.dim() > 0 else None)
+    if not sizes:
+        raise MicroBatchError("the batch holds no tensor with a batch dimension, so it cannot be micro-batched")
+    if len(set(sizes)) != 1:
+        raise MicroBatchError(
+            f"the tensors of the batch disagree on their dim-0 (batch) size: {sorted(set(sizes))}; every tensor in "
+            "a pipelined batch must have the samples along dim 0"
+        )
+    return sizes[0]
+
+
+def microbatch_sizes(total: int, num_microbatches: int) -> list[int]:
+    """Sizes of ``num_microbatches`` near-equal parts of ``total`` samples (larger parts first)."""
+    if num_microbatches < 1:
+        raise MicroBatchError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    if total < num_microbatches:
+        raise MicroBatchError(
+            f"a batch of {total} samples cannot be split into {num_microbatches} micro-batches; lower "
+            "num_microbatches, raise the batch size, or drop the short last batch (DataLoader(drop_last=True))"
+        )
+    base, extra = divmod(total, num_microbatches)
+    return [base + 1 if i < extra else base for i in range(num_microbatches)]
+
+
+def split(batch: Any, num_microbatches: int) -> tuple[list[Any], list[int]]:
+    """Split ``batch`` into ``num_microbatches`` micro-batches; return them and their sizes."""
+    sizes = microbatch_sizes(batch_size(batch), num_microbatches)
+    parts = []
+    start = 0
+    for size in sizes:
+        end = start + size
+        parts.append(apply_to_collection(batch, Tensor, lambda t, a=start, b=end: t[a:b] if t.dim() > 0 else t))
+        start = end
+    return parts, sizes
+
+
+def join(outputs: Sequence[Any]) -> Any:
+    """Inverse of :func:`split` for outputs: concatenate per-micro-batch outputs into one mini-batch output.
+
+    Tensors are concatenated along dim 0 (0-dim tensors are stacked), lists are concatenated, tuples, dicts,
+    namedtuples and dataclasses are joined field by field; other leaves that agree are kept, and a list of the
+    per-micro-batch values is returned where they differ.
+    """
+    first = outputs[0]
+    if len(outputs) == 1:
+        return first
+    if isinstance(first, Tensor):
+        return torch.stack(list(outputs)) if first.dim() == 0 else torch.cat(list(outputs))
+    if isinstance(first, Mapping):
+        return type(first)({k: join([o[k] for o in outputs]) for k in first})  # type: ignore[call-arg]
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(join([o[i] for o in outputs]) for i in range(len(first))))
+    if isinstance(first, tuple):
+        return tuple(join([o[i] for o in outputs]) for i in range(len(first)))
+    if isinstance(first, list):
+        return [item for o in outputs for item in o]
+    if hasattr(first, "__dataclass_fields__"):
+        import dataclasses
+
+        fields = {f.name: join([getattr(o, f.name) for o in outputs]) for f in dataclasses.fields(first)}
+        return dataclasses.replace(first, **fields)
+    if all(o == first for o in outputs):
+        return first
+    return list(outputs)

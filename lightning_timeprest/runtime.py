@@ -1,0 +1,194 @@
+"""Executing one stage's part of a schedule.
+
+The user's LightningModule keeps its own ``training_step``: the pipelined ``nn.Sequential`` inside it is
+replaced by a :class:`StageModule` holding only this stage's layers. What a call of it does depends on the
+stage:
+
+* first stage: runs its layers on the real input (after the user's own stem code), keeps the output for the
+  next stage, and ends the user's step there with :class:`StageBoundary` (nothing after the pipelined module
+  can run before the later stages did);
+* last stage: ignores the input it is given and returns its layers applied to the activation received from the
+  previous stage, so the user's loss code runs on the real pipeline output;
+* middle stages never run user code: they receive, apply their layers and send.
+
+:class:`PipelineRuntime` walks the stage's op list of a :class:`~lightning_timeprest.schedules.Schedule`
+for one mini-batch, doing the forward and backward ops and their transfers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_timeprest.comm import StageComm
+from lightning_timeprest.schedules import OpKind, Schedule
+
+__all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StepResult"]
+
+
+class StageBoundary(BaseException):
+    """Ends the user's step on a stage that is not the last, right after the stage's layers ran.
+
+    A ``BaseException`` so that an ``except Exception`` in user code does not swallow it.
+    """
+
+
+class StageModule(nn.Module):
+    """Stands in for the pipelined ``nn.Sequential`` on one rank.
+
+    Holds this stage's layers under their original child names, so parameter names (``layers.3.weight``) and
+    state-dict keys stay those of the original model.
+    """
+
+    def __init__(self, module_name: str, layers: Sequence[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        for name, layer in layers:
+            self.add_module(name, layer)
+        self.module_name = module_name
+        self._handler: Callable[[Any], Any] | None = None
+
+    def run_layers(self, x: Any) -> Any:
+        for layer in self.children():
+            x = layer(x)
+        return x
+
+    def forward(self, x: Any) -> Any:
+        if self._handler is None:
+            raise RuntimeError(
+                f"the pipelined module {self.module_name!r} holds only one stage's layers and runs only inside the "
+                "pipeline's training/validation/test/predict steps; call the model through the Trainer"
+            )
+        return self._handler(x)
+
+    @contextmanager
+    def handled_by(self, handler: Callable[[Any], Any]) -> Iterator[None]:
+        self._handler = handler
+        try:
+            yield
+        finally:
+            self._handler = None
+
+
+@dataclass
+class _InFlight:
+    inputs: Any = None  # activation received from the previous stage
+    outputs: Any = None  # this stage's output, sent to the next stage
+    loss: Tensor | None = None  # last stage: the user's micro-batch loss
+
+
+@dataclass
+class StepResult:
+    """What one mini-batch produced on this stage: the user's step outputs (last stage only)."""
+
+    outputs: list[Any] = field(default_factory=list)
+
+
+class PipelineRuntime:
+    """Runs this stage's ops of a schedule, micro-batch by micro-batch."""
+
+    def __init__(self, stage: int, num_stages: int, stage_module: StageModule, comm: StageComm) -> None:
+        self.stage = stage
+        self.num_stages = num_stages
+        self.module = stage_module
+        self.comm = comm
+        self.is_first = stage == 0
+        self.is_last = stage == num_stages - 1
+
+    @property
+    def runs_user_code(self) -> bool:
+        return self.is_first or self.is_last
+
+    def run(
+        self,
+        schedule: Schedule,
+        call_user: Callable[[int], Any],
+        *,
+        train: bool,
+        loss_of: Callable[[Any], Tensor] | None = None,
+        loss_weights: Sequence[float] = (),
+    ) -> StepResult:
+        """Run one mini-batch.
+
+        ``call_user(j)`` runs the user's step on micro-batch ``j`` and returns its output. With ``train`` the
+        backward ops run too: the last stage back-propagates ``loss_of(output_j) * loss_weights[j]``, so the
+        accumulated gradients equal those of the whole mini-batch. Without ``train`` only the forward ops run.
+        """
+        result = StepResult()
+        inflight: dict[int, _InFlight] = {}
+        try:
+            for op in schedule.ops(self.stage):
+                assert op.microbatch is not None, "synchronous schedules back-propagate per micro-batch"
+                if op.kind is OpKind.FORWARD:
+                    record, output = self._forward(op.microbatch, call_user, train)
+                    if self.is_last:
+                        result.outputs.append(output)
+                        if train:
+                            assert loss_of is not None
+                            record.loss = loss_of(output)
+                    if train:
+                        inflight[op.microbatch] = record
+                elif train:
+                    self._backward(inflight.pop(op.microbatch), loss_weights[op.microbatch])
+            self.comm.wait_sends()
+        finally:
+            inflight.clear()
+        return result
+
+    def _forward(self, j: int, call_user: Callable[[int], Any], train: bool) -> tuple[_InFlight, Any]:
+        record = _InFlight()
+        produced: list[Any] = []
+
+        if not self.is_first:
+            record.inputs = self.comm.recv_activation(requires_grad=train and torch.is_grad_enabled())
+
+        def handler(x: Any) -> Any:
+            if produced:
+                raise RuntimeError(
+                    f"the pipelined module {self.module.module_name!r} was called twice in one step; a pipelined "
+                    "module can be called once per step"
+                )
+            out = self.module.run_layers(x if self.is_first else record.inputs)
+            produced.append(out)
+            if not self.is_last:
+                raise StageBoundary
+            return out
+
+        user_output = None
+        if self.runs_user_code:
+            with self.module.handled_by(handler):
+                try:
+                    user_output = call_user(j)
+                except StageBoundary:
+                    pass
+            if not produced:
+                raise RuntimeError(
+                    f"the step did not call the pipelined module {self.module.module_name!r}; the step must run the "
+                    "model (e.g. self(x) whose forward calls it) so that the pipeline can carry the batch"
+                )
+            out = produced[0]
+        else:
+            out = self.module.run_layers(record.inputs)
+        if not self.is_last:
+            self.comm.send_activation(out)
+            record.outputs = out
+        return record, user_output
+
+    def _backward(self, record: _InFlight, weight: float) -> None:
+        if self.is_last:
+            assert record.loss is not None
+            if not record.loss.requires_grad:
+                raise RuntimeError(
+                    "the loss returned by training_step does not require grad; it cannot be back-propagated"
+                )
+            torch.autograd.backward(record.loss * weight)
+        else:
+            pairs = self.comm.recv_gradients(record.outputs)
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if not self.is_first:
+            self.comm.send_gradients(record.inputs)

@@ -1,0 +1,543 @@
+"""The Lightning glue: :class:`TiMePReStStrategy` trains an unchanged LightningModule pipeline-parallel.
+
+One process per stage, started by Lightning's own launchers (it is a ``DDPStrategy`` underneath: popen, spawn
+and fork launchers, cluster environments, gloo on CPU and nccl on GPU). At setup each rank keeps only its
+stage's layers of the pipelined ``nn.Sequential`` (the rest is released to the meta device); everything
+outside that submodule is replicated on every stage and its gradients are summed across stages, so stems,
+heads and tied weights train as on one device.
+
+Lightning still drives the loop. Each ``training_step`` call runs one whole mini-batch through this stage's
+part of the schedule; the gradients it produced are set aside until Lightning's closure asks for the backward
+(Lightning zeroes gradients between the two), and then the optimizer steps on every stage at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.init import _materialize_meta_tensors
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_timeprest import checkpoint as ckpt
+from lightning_timeprest import metrics
+from lightning_timeprest.comm import PipelineGroups, StageComm, new_pipeline_groups
+from lightning_timeprest.microbatch import batch_size, join, split
+from lightning_timeprest.partition import StagePlan, find_pipelined_module, plan_stages
+from lightning_timeprest.runtime import PipelineRuntime, StageModule
+from lightning_timeprest.schedules import SCHEDULES, Schedule, build_schedule, gpipe
+
+__all__ = ["PipelineConfigError", "PipelineStrategyMixin", "TiMePReStStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class PipelineConfigError(ValueError):
+    """The strategy cannot run with this configuration; the message says what to change."""
+
+
+def _loss_of(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    if output is None:
+        raise RuntimeError(
+            "training_step returned None on the last stage; skipping a batch is not possible in a pipeline (the "
+            "earlier stages have already run it): return the loss"
+        )
+    raise RuntimeError(f"training_step must return the loss tensor or a dict with a 'loss' key, got {type(output)}")
+
+
+def _release(module: nn.Module, keep: set[int]) -> None:
+    """Replace ``module``'s parameters and buffers by meta tensors, except the tensors whose id is in ``keep``."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and id(p) not in keep and not p.is_meta:
+                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and id(b) not in keep and not b.is_meta:
+                sub._buffers[name] = torch.empty_like(b, device="meta")
+
+
+def _fill(module: nn.Module, prefix: str, tensors: Mapping[str, Tensor]) -> None:
+    """Put back the tensors of a released ``module`` from ``tensors`` (keyed by full name)."""
+    for sub_name, sub in module.named_modules(prefix=prefix):
+        for name, p in list(sub._parameters.items()):
+            key = f"{sub_name}.{name}"
+            if p is not None and p.is_meta and key in tensors:
+                sub._parameters[name] = nn.Parameter(tensors[key], p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            key = f"{sub_name}.{name}"
+            if b is not None and b.is_meta and key in tensors:
+                sub._buffers[name] = tensors[key]
+
+
+class PipelineStrategyMixin:
+    """The strategy's behaviour, on top of a ``DDPStrategy`` of either ``lightning`` or ``pytorch_lightning``.
+
+    Use :class:`TiMePReStStrategy`; the mixin exists so that the ``pytorch_lightning`` twin shares every line.
+
+    Args:
+        schedule: ``"gpipe"`` (all forwards, then all backwards) or ``"1f1b"`` (PipeDream-Flush: fewer
+            activations held). Both are synchronous: the result equals single-device training.
+        num_microbatches: N, the micro-batches each batch is split into along dim 0 (default: 2 x stages).
+        balance: layers per stage (a list summing to the pipelined module's length), or ``"parameters"`` to
+            balance the parameter count.
+        module_name: the ``nn.Sequential`` attribute to pipeline (dotted path); by default the one with the most
+            parameters.
+        p2p_timeout: seconds a stage waits for a neighbour's activation or gradient before failing.
+        The remaining arguments are those of Lightning's ``DDPStrategy``.
+    """
+
+    def __init__(
+        self,
+        schedule: str = "gpipe",
+        num_microbatches: int | None = None,
+        balance: list[int] | str = "parameters",
+        module_name: str | None = None,
+        p2p_timeout: float = 600.0,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        schedule = str(schedule).lower()
+        if schedule not in SCHEDULES:
+            raise PipelineConfigError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if num_microbatches is not None and (isinstance(num_microbatches, bool) or int(num_microbatches) < 1):
+            raise PipelineConfigError(f"num_microbatches must be a positive integer, got {num_microbatches!r}")
+        if isinstance(balance, str) and balance != "parameters":
+            raise PipelineConfigError(f"unknown balance {balance!r}; give 'parameters' or a list of layer counts")
+        if not isinstance(balance, str) and (not balance or any(int(b) < 1 for b in balance)):
+            raise PipelineConfigError(f"balance must list a positive layer count per stage, got {balance!r}")
+        if p2p_timeout <= 0:
+            raise PipelineConfigError(f"p2p_timeout must be positive, got {p2p_timeout}")
+        self.schedule_name = schedule
+        self._num_microbatches = None if num_microbatches is None else int(num_microbatches)
+        self.balance = balance
+        self.module_name = module_name
+        self.p2p_timeout = timedelta(seconds=p2p_timeout)
+        self._groups: PipelineGroups | None = None
+        self._plan: StagePlan | None = None
+        self._runtime: PipelineRuntime | None = None
+        self._sequential: nn.Sequential | None = None
+        self._state_keys: list[str] = []
+        self._param_order: list[str] = []
+        self._shared: list[nn.Parameter] = []
+        self._new_grads: dict[nn.Parameter, Tensor | None] | None = None
+        self._schedules: dict[tuple[str, int], Schedule] = {}
+        self._metric_groups: list[Any] = []
+        self._failed = False
+
+    # -- topology -------------------------------------------------------------------------------------------
+
+    @property
+    def num_stages(self) -> int:
+        return self.world_size
+
+    @property
+    def stage(self) -> int:
+        return self.global_rank
+
+    @property
+    def last_stage(self) -> int:
+        return self.num_stages - 1
+
+    @property
+    def num_microbatches(self) -> int:
+        return self._num_microbatches if self._num_microbatches is not None else 2 * self.num_stages
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": 1, "rank": 0}
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        backend = self._get_process_group_backend()
+        ranks = list(range(self.world_size))
+        self._groups = new_pipeline_groups([ranks], self.global_rank, backend, self._timeout or default_pg_timeout)
+        # torchmetrics syncs over its process_group on compute(); each stage computes its metrics on its own
+        self._metric_groups = [dist.new_group([r], backend="gloo") for r in ranks]
+
+    # -- model placement ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        # empty_init: build on the meta device; each rank materialises only its own stage at setup
+        with (
+            torch.device("meta") if empty_init else self.root_device,
+            self.precision_plugin.tensor_init_context(),
+        ):
+            yield
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        # configure_model builds on the meta device, so the full model never exists on any rank
+        with torch.device("meta"):
+            yield
+
+    def setup(self, trainer: Any) -> None:
+        assert self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        fitting = trainer.state.fn == "fit"
+        self._check_supported(trainer, module, fitting)
+        # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
+        # order is that of single-device training) and the batch that trains is stage 0's (see _stage0_batch).
+        trainer._accelerator_connector.use_distributed_sampler = False
+        self._partition(module)
+        self.precision_plugin.convert_module(module)
+        self.model_to_device()
+        self._sync_replicated()
+        for m in module.modules():
+            if hasattr(m, "process_group") and hasattr(m, "metric_state"):
+                m.process_group = self._metric_groups[self.global_rank]
+        if fitting:
+            self.setup_optimizers(trainer)
+            if len(self.optimizers) != 1:
+                raise PipelineConfigError(
+                    f"configure_optimizers returned {len(self.optimizers)} optimizers; a pipeline strategy supports "
+                    "exactly one optimizer (with any number of parameter groups)"
+                )
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self._failed = False
+
+    def _check_supported(self, trainer: Any, module: Any, fitting: bool) -> None:
+        if fitting and not module.automatic_optimization:
+            raise PipelineConfigError(
+                "manual optimization (automatic_optimization = False) is not supported by pipeline strategies: the "
+                "pipeline runs the forward and backward passes itself; use automatic optimization"
+            )
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise PipelineConfigError(
+                "precision='16-mixed' (loss scaling) is not supported yet; use precision='32-true' or 'bf16-mixed'"
+            )
+        if fitting and trainer.gradient_clip_val:
+            raise PipelineConfigError(
+                "gradient_clip_val is not supported yet by pipeline strategies (clipping must see all stages' "
+                "gradients); remove gradient_clip_val"
+            )
+
+    def _partition(self, module: nn.Module) -> None:
+        name, sequential = find_pipelined_module(module, self.module_name)
+        plan = plan_stages(name, sequential, self.num_stages, self.balance)
+        self._state_keys = list(module.state_dict().keys())
+        self._param_order = [n for n, _ in module.named_parameters()]
+        prefix = name + "."
+        outside = {id(t) for n, t in module.named_parameters(remove_duplicate=False) if not n.startswith(prefix)}
+        outside |= {id(t) for n, t in module.named_buffers(remove_duplicate=False) if not n.startswith(prefix)}
+        local = plan.layers_of(self.stage)
+        for layer_name, layer in sequential.named_children():
+            if layer_name not in local:
+                _release(layer, keep=outside)
+        stage_module = StageModule(name, [(n, sequential._modules[n]) for n in local])
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, stage_module)
+        _materialize_meta_tensors(module, self.root_device)
+        if not any(True for _ in module.parameters()):
+            raise PipelineConfigError(
+                f"stage {self.stage} holds layers {list(local)} of {name!r}, which have no parameters; choose a "
+                "balance that gives every stage a layer with parameters"
+            )
+        self._plan, self._sequential = plan, sequential
+        self._shared = [p for n, p in module.named_parameters() if not n.startswith(prefix)]
+        assert self._groups is not None
+        comm = StageComm(
+            self.stage, self._groups, self.root_device, self.p2p_timeout, self._get_process_group_backend()
+        )
+        self._runtime = PipelineRuntime(self.stage, self.num_stages, stage_module, comm)
+        if self.is_global_zero:
+            table = "\n".join(f"  stage {s}: layers {', '.join(plan.layers_of(s))}" for s in range(plan.num_stages))
+            rank_zero_info(
+                f"{type(self).__name__}: schedule={self.schedule_name}, stages={self.num_stages}, "
+                f"micro-batches={self.num_microbatches}, pipelined module {name!r}\n{table}"
+            )
+
+    def _sync_replicated(self) -> None:
+        """Make the replicated (outside the pipeline) tensors identical on all stages: stage 0's win."""
+        module = self.lightning_module
+        assert module is not None and self._plan is not None and self._groups is not None
+        prefix = self._plan.module_name + "."
+        tensors = [t for n, t in module.state_dict(keep_vars=True).items() if not n.startswith(prefix)]
+        if self.num_stages > 1:
+            with torch.no_grad():
+                for t in tensors:
+                    wire = t.detach().cpu() if self._get_process_group_backend() == "gloo" else t.detach()
+                    dist.broadcast(wire, self._groups.ranks[0], group=self._groups.control)
+                    t.detach().copy_(wire)
+
+    def _unpartition(self, gather: bool) -> None:
+        """Put the ``nn.Sequential`` back; with ``gather``, rank 0 gets every stage's trained tensors."""
+        module, plan, sequential, runtime = self.lightning_module, self._plan, self._sequential, self._runtime
+        if module is None or plan is None or sequential is None or runtime is None:
+            return
+        if gather and self.num_stages > 1:
+            tensors = {
+                f"{plan.module_name}.{n}": t.detach().cpu()
+                for n, t in [*runtime.module.named_parameters(), *runtime.module.named_buffers()]
+            }
+            parts = runtime.comm.gather_objects(tensors)
+            if parts is not None:
+                merged = {k: v for part in parts for k, v in part.items()}
+                for layer_name, layer in sequential.named_children():
+                    _fill(layer, f"{plan.module_name}.{layer_name}", merged)
+        parent_name, _, attr = plan.module_name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, sequential)
+        self._plan = self._sequential = self._runtime = None
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
+        super().on_exception(exception)
+
+    def teardown(self) -> None:
+        self._unpartition(gather=not self._failed)
+        module = self.lightning_module
+        _optimizers_to_device(self.optimizers, torch.device("cpu"))
+        if module is not None:
+            # released layers stay on the meta device on ranks other than 0
+            module._apply(lambda t: t if t.is_meta else t.cpu())
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def _schedule(self, name: str, num_microbatches: int) -> Schedule:
+        key = (name, num_microbatches)
+        if key not in self._schedules:
+            self._schedules[key] = build_schedule(name, self.num_stages, num_microbatches)
+        return self._schedules[key]
+
+    def _stage0_batch(self, batch: Any) -> Any:
+        """Give the last stage stage 0's batch: the labels that train must be those of the inputs that entered.
+
+        Every rank iterates its own DataLoader (Lightning drives the loop everywhere), but random samplers or
+        augmentations would draw differently per rank; stage 0's copy is the one that counts.
+        """
+        runtime = self._runtime
+        assert runtime is not None
+        if runtime.is_first and not runtime.is_last:
+            runtime.comm.send_object(move_data_to_device(batch, "cpu"), self.last_stage)
+        elif runtime.is_last and not runtime.is_first:
+            batch = move_data_to_device(runtime.comm.recv_object(0), self.root_device)
+        return batch
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        module, runtime = self.lightning_module, self._runtime
+        assert module is not None and runtime is not None
+        batch, rest = self._stage0_batch(args[0]), args[1:]
+        microbatches, sizes = split(batch, self.num_microbatches)
+        total = sum(sizes)
+        accumulate = module.trainer.accumulate_grad_batches
+        weights = [n / total / accumulate for n in sizes]
+        capture = metrics.LogCapture(module)
+
+        def call_user(j: int) -> Any:
+            with capture.microbatch():
+                return module.training_step(microbatches[j], *rest, **kwargs)
+
+        params = list(module.parameters())
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        scope = metrics.metric_step_scope(module) if runtime.is_last else nullcontext()
+        with self.precision_plugin.train_step_context(), scope:
+            result = runtime.run(
+                self._schedule(self.schedule_name, len(sizes)),
+                call_user,
+                train=True,
+                loss_of=_loss_of,
+                loss_weights=weights,
+            )
+        self._new_grads = {p: p.grad for p in params}
+        for p, g in zip(params, earlier, strict=True):
+            p.grad = g
+
+        payload = None
+        if runtime.is_last:
+            losses = torch.stack([_loss_of(o).detach().to(torch.float64) for o in result.outputs])
+            loss = (losses * torch.tensor(sizes, dtype=torch.float64, device=losses.device)).sum() / total
+            logged = metrics.reduce_logged(module, capture.calls, sizes)
+            payload = (loss.float().cpu(), logged, metrics.metric_states(module, logged))
+        loss, logged, states = runtime.comm.broadcast_object(payload, self.last_stage)
+        metrics.replay(module, logged, states)
+        return loss.to(self.root_device)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        """Hand Lightning the gradients the pipeline computed in ``training_step`` (after its ``zero_grad``)."""
+        module = self.lightning_module
+        assert module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        new = self._new_grads or {}
+        self._new_grads = None
+        self._sum_shared_gradients(new)
+        for p, g in new.items():
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    def _sum_shared_gradients(self, grads: dict[nn.Parameter, Tensor | None]) -> None:
+        """Sum over stages the gradients of the replicated parameters (stems, heads, tied weights)."""
+        if self.num_stages == 1 or not self._shared:
+            return
+        assert self._groups is not None
+        flags = torch.tensor([grads.get(p) is not None for p in self._shared], dtype=torch.float32)
+        flat = torch.cat(
+            [flags]
+            + [
+                (g if (g := grads.get(p)) is not None else torch.zeros_like(p)).detach().reshape(-1).float().cpu()
+                for p in self._shared
+            ]
+        )
+        dist.all_reduce(flat, group=self._groups.control)
+        offset = len(self._shared)
+        for i, p in enumerate(self._shared):
+            n = p.numel()
+            if flat[i] > 0:
+                grads[p] = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
+            offset += n
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._eval_step("validation_step", self.precision_plugin.val_step_context, args, kwargs)
+        return None
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._eval_step("test_step", self.precision_plugin.test_step_context, args, kwargs)
+        return None
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._eval_step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
+
+    def _eval_step(self, hook: str, context: Callable[[], Any], args: tuple, kwargs: dict) -> Any:
+        """Forward-only pipeline pass; returns the joined step outputs on every rank (used by predict)."""
+        module, runtime = self.lightning_module, self._runtime
+        assert module is not None and runtime is not None
+        batch, rest = self._stage0_batch(args[0]), args[1:]
+        # an evaluation batch smaller than N is run in fewer micro-batches: there is no gradient to match
+        microbatches, sizes = split(batch, min(self.num_microbatches, batch_size(batch)))
+        capture = metrics.LogCapture(module)
+        step = getattr(module, hook)
+
+        def call_user(j: int) -> Any:
+            with capture.microbatch():
+                return step(microbatches[j], *rest, **kwargs)
+
+        scope = metrics.metric_step_scope(module) if runtime.is_last else nullcontext()
+        with context(), scope:
+            result = runtime.run(gpipe(self.num_stages, len(sizes)), call_user, train=False)
+        payload = None
+        if runtime.is_last:
+            logged = metrics.reduce_logged(module, capture.calls, sizes)
+            outputs = move_data_to_device(join(result.outputs), "cpu") if hook == "predict_step" else None
+            payload = (logged, metrics.metric_states(module, logged), outputs)
+        logged, states, outputs = runtime.comm.broadcast_object(payload, self.last_stage)
+        metrics.replay(module, logged, states)
+        return outputs
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # restore after partitioning: each stage loads its own entries, and a meta-initialised model never
+        # needs the full checkpoint in its tensors
+        return True
+
+    def _own_state(self) -> dict[str, Tensor]:
+        module, runtime, plan = self.lightning_module, self._runtime, self._plan
+        assert module is not None and runtime is not None and plan is not None
+        prefix = plan.module_name + "."
+        # the last stage ran every user step to its end, so its replicated buffers (e.g. a head's batch-norm
+        # statistics) are the up-to-date ones
+        return {k: v.detach().cpu() for k, v in module.state_dict().items() if k.startswith(prefix) or runtime.is_last}
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full model's state dict on rank 0 (gathered from all stages), empty on the other ranks."""
+        if self._runtime is None:
+            return super().lightning_module_state_dict()
+        parts = self._runtime.comm.gather_objects(self._own_state())
+        return ckpt.merge_state_dicts(parts, self._state_keys) if parts is not None else {}
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The whole-model optimizer state on rank 0 (gathered from all stages), empty on the other ranks."""
+        module, runtime = self.lightning_module, self._runtime
+        assert module is not None and runtime is not None
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        names = ckpt.canonical_param_names(module, self._param_order)
+        parts = runtime.comm.gather_objects(ckpt.named_optimizer_state(optimizer, names))
+        return ckpt.consolidate_optimizer_states(parts, self._param_order) if parts is not None else {}
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        assert module is not None
+        state = checkpoint["state_dict"]
+        own = module.state_dict().keys()
+        if strict:
+            missing = [k for k in own if k not in state]
+            unexpected = [k for k in state if k not in self._state_keys]
+            if missing or unexpected:
+                raise ckpt.CheckpointError(
+                    f"the checkpoint does not match the model: missing keys {missing[:5]}, unexpected keys "
+                    f"{unexpected[:5]}"
+                )
+        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        module = self.lightning_module
+        assert module is not None
+        names = ckpt.canonical_param_names(module, self._param_order)
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            optimizer.load_state_dict(ckpt.local_optimizer_state(optimizer, saved, names))
+        _optimizers_to_device(self.optimizers, self.root_device)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name in SCHEDULES:
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name,
+                    cls,
+                    description=f"Pipeline-parallel training with the {name} schedule",
+                    schedule=name,
+                )
+
+
+class TiMePReStStrategy(PipelineStrategyMixin, DDPStrategy):
+    """Pipeline-parallel training of an unchanged LightningModule, one stage per process.
+
+    ``Trainer(strategy="gpipe", devices=4)`` or ``Trainer(strategy=TiMePReStStrategy(schedule="1f1b",
+    num_microbatches=8, balance=[3, 3, 2, 2]))``. Arguments: see :class:`PipelineStrategyMixin`.
+    """
+
+    strategy_name = "timeprest"

@@ -1,0 +1,98 @@
+"""Train tests/models.py's StemNetHead with a Lightning Trainer; the tests run this script in a subprocess.
+
+With ``--devices > 0`` it uses a pipeline strategy (Lightning's popen launcher re-runs this script once per
+rank); with ``--devices 0`` it trains on one device, the reference. Rank 0 saves what the tests compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models import StemNetHead, loader
+
+import lightning_timeprest  # noqa: F401  (registers the strategies)
+from lightning_timeprest import TiMePReStStrategy
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.steps.append({"train_loss_step": float(m["train_loss_step"]), "returned": float(loss)})
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--schedule", default="gpipe")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=18)
+    p.add_argument("--val", action="store_true")
+    p.add_argument("--start-method", default="popen")
+    p.add_argument("--ckpt-dir", default=None)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--predict", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    seed_everything(0)
+    model = StemNetHead(optimizer=args.optimizer)
+    record = Record()
+    callbacks: list[Callback] = [record]
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1))
+    if args.devices > 0:
+        strategy = TiMePReStStrategy(schedule=args.schedule, num_microbatches=args.n, start_method=args.start_method)
+        kw = {"strategy": strategy, "devices": args.devices}
+    else:
+        kw = {"devices": 1}
+    trainer = Trainer(
+        **kw,
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate,
+        limit_val_batches=1.0 if args.val else 0,
+        num_sanity_val_steps=2 if args.val else 0,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=bool(args.ckpt_dir),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    val = loader(args.batch_size) if args.val else None
+    trainer.fit(model, loader(args.batch_size), val, ckpt_path=args.resume)
+    result = {
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "steps": record.steps,
+        "epochs": record.epochs,
+        "global_step": trainer.global_step,
+    }
+    if args.predict:
+        result["predictions"] = torch.cat(trainer.predict(model, loader(args.batch_size)))
+        result["test"] = trainer.test(model, loader(args.batch_size), verbose=False)
+    if trainer.is_global_zero:
+        torch.save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
