@@ -10,6 +10,7 @@ mean-reduced loss is then recovered exactly as the size-weighted mean of the mic
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,9 +67,9 @@ def split(batch: Any, num_microbatches: int) -> tuple[list[Any], list[int]]:
 def join(outputs: Sequence[Any]) -> Any:
     """Inverse of :func:`split` for outputs: concatenate per-micro-batch outputs into one mini-batch output.
 
-    Tensors are concatenated along dim 0 (0-dim tensors are stacked), lists are concatenated, tuples, dicts,
-    namedtuples and dataclasses are joined field by field; other leaves that agree are kept, and a list of the
-    per-micro-batch values is returned where they differ.
+    Tensors are concatenated along dim 0 (0-dim tensors are stacked); lists, tuples, dicts, namedtuples and
+    dataclasses are joined element by element, as :func:`split` splits them; other leaves that agree in every
+    micro-batch are kept, and where they differ the list of the per-micro-batch values is returned.
     """
     first = outputs[0]
     if len(outputs) == 1:
@@ -79,13 +80,9 @@ def join(outputs: Sequence[Any]) -> Any:
         return type(first)({k: join([o[k] for o in outputs]) for k in first})  # type: ignore[call-arg]
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(join([o[i] for o in outputs]) for i in range(len(first))))
-    if isinstance(first, tuple):
-        return tuple(join([o[i] for o in outputs]) for i in range(len(first)))
-    if isinstance(first, list):
-        return [item for o in outputs for item in o]
-    if hasattr(first, "__dataclass_fields__"):
-        import dataclasses
-
+    if isinstance(first, (tuple, list)) and all(len(o) == len(first) for o in outputs):
+        return type(first)(join([o[i] for o in outputs]) for i in range(len(first)))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
         fields = {f.name: join([getattr(o, f.name) for o in outputs]) for f in dataclasses.fields(first)}
         return dataclasses.replace(first, **fields)
     if all(o == first for o in outputs):

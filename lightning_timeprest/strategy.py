@@ -24,13 +24,17 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.fabric.utilities.init import _materialize_meta_tensors
+from lightning.fabric.utilities.init import _EmptyInit, _materialize_meta_tensors
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from torch.optim import Optimizer
 
 from lightning_timeprest import checkpoint as ckpt
@@ -61,6 +65,36 @@ def _loss_of(output: Any) -> Tensor:
             "earlier stages have already run it): return the loss"
         )
     raise RuntimeError(f"training_step must return the loss tensor or a dict with a 'loss' key, got {type(output)}")
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create modules whose parameters and buffers live on the meta device (no storage).
+
+    Unlike ``with torch.device("meta")`` this leaves other tensors real, so torchmetrics states and constants
+    built in ``__init__`` keep their values. Each parameter is allocated uninitialised (``_EmptyInit`` skips the
+    init kernels) and replaced by its meta twin as soon as it is registered, so at most one parameter exists at a
+    time. Ranks materialise (``reset_parameters``) the parameters of their own stage at setup.
+    """
+
+    def on_parameter(module: nn.Module, name: str, param: Tensor | None) -> Tensor | None:
+        if param is not None and not param.is_meta:
+            return nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+        return None
+
+    def on_buffer(module: nn.Module, name: str, buffer: Tensor | None) -> Tensor | None:
+        return torch.empty_like(buffer, device="meta") if buffer is not None and not buffer.is_meta else None
+
+    handles = [
+        register_module_parameter_registration_hook(on_parameter),
+        register_module_buffer_registration_hook(on_buffer),
+    ]
+    try:
+        with _EmptyInit(enabled=True):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _release(module: nn.Module, keep: set[int]) -> None:
@@ -192,17 +226,18 @@ class PipelineStrategyMixin:
 
     @contextmanager
     def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
-        # empty_init: build on the meta device; each rank materialises only its own stage at setup
+        # empty_init: parameters and buffers go to the meta device; each rank materialises its own stage at setup
         with (
-            torch.device("meta") if empty_init else self.root_device,
+            _parameters_on_meta() if empty_init else nullcontext(),
+            self.root_device,
             self.precision_plugin.tensor_init_context(),
         ):
             yield
 
     @contextmanager
     def model_sharded_context(self) -> Iterator[None]:
-        # configure_model builds on the meta device, so the full model never exists on any rank
-        with torch.device("meta"):
+        # configure_model builds its parameters on the meta device, so the full model never exists on any rank
+        with _parameters_on_meta():
             yield
 
     def setup(self, trainer: Any) -> None:

@@ -77,3 +77,92 @@ class StemNetHead(LightningModule):
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class DictBatch(torch.utils.data.Dataset):
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        x, y = self.base[i]
+        return {"x": x, "y": y, "meta": "sample"}
+
+
+def dict_loader(batch_size: int = 18, num_samples: int = 100) -> DataLoader:
+    return DataLoader(DictBatch(dataset(num_samples)), batch_size=batch_size, shuffle=False)
+
+
+VOCAB = 12
+
+
+def token_loader(batch_size: int = 16, num_samples: int = 96, seq: int = 6) -> DataLoader:
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (num_samples, seq + 1), generator=g)
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size, shuffle=False)
+
+
+class TiedLM(LightningModule):
+    """Embedding (stem) tied to the output projection (head), and to the last pipelined layer as well."""
+
+    def __init__(self, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        width = VOCAB  # square, so that a pipelined layer can share the embedding matrix too
+        self.embed = nn.Embedding(VOCAB, width)
+        self.net = nn.Sequential(
+            nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width, bias=False)
+        )
+        self.net[4].weight = self.embed.weight
+        self.head = nn.Linear(width, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.head(self.net(self.embed(x)))
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class ConfigureModelNet(StemNetHead):
+    """Builds its pipelined layers in configure_model, the way large models are built."""
+
+    def __init__(self, optimizer: str = "sgd") -> None:
+        super().__init__(optimizer=optimizer)
+        self.net = None
+        self.created_on_meta: bool | None = None
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        width = self.hparams.width
+        layers = [nn.Linear(width, width) if i % 2 == 0 else nn.Tanh() for i in range(7)]
+        self.net = nn.Sequential(*layers)
+        self.created_on_meta = all(p.is_meta for p in self.net.parameters())
+
+
+class ManualOptimization(StemNetHead):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class TwoOptimizers(StemNetHead):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net.parameters(), lr=0.1), torch.optim.SGD(self.head.parameters(), lr=0.1)]
+
+
+class ShortNet(StemNetHead):
+    """Only two layers in the pipelined module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))

@@ -7,6 +7,7 @@ rank); with ``--devices 0`` it trains on one device, the reference. Rank 0 saves
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -16,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import StemNetHead, loader
+import models
 
 import lightning_timeprest  # noqa: F401  (registers the strategies)
 from lightning_timeprest import TiMePReStStrategy
@@ -30,10 +31,30 @@ class Record(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         m = trainer.callback_metrics
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.steps.append({"train_loss_step": float(m["train_loss_step"]), "returned": float(loss)})
+        self.steps.append(
+            {"train_loss_step": float(m.get("train_loss_step", m["train_loss"])), "returned": float(loss)}
+        )
+
+    def on_train_start(self, trainer, pl_module):
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self.placement = {
+            "params": {n: str(p.device) for n, p in pl_module.named_parameters()},
+            "optimizer": [names[id(p)] for g in trainer.optimizers[0].param_groups for p in g["params"]],
+        }
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+class Die(Callback):
+    """Kills one rank abruptly in the middle of training (a crashed stage)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os._exit(3)
 
 
 def main() -> None:
@@ -51,17 +72,26 @@ def main() -> None:
     p.add_argument("--ckpt-dir", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--predict", action="store_true")
+    p.add_argument("--model", default="StemNetHead")
+    p.add_argument("--empty-init", action="store_true")
+    p.add_argument("--balance", default=None, help="comma-separated layer counts")
+    p.add_argument("--die-rank", type=int, default=-1)
+    p.add_argument("--die-step", type=int, default=-1)
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
     seed_everything(0)
-    model = StemNetHead(optimizer=args.optimizer)
     record = Record()
     callbacks: list[Callback] = [record]
+    if args.die_step >= 0:
+        callbacks.append(Die(args.die_rank, args.die_step))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1))
     if args.devices > 0:
-        strategy = TiMePReStStrategy(schedule=args.schedule, num_microbatches=args.n, start_method=args.start_method)
+        balance = [int(b) for b in args.balance.split(",")] if args.balance else "parameters"
+        strategy = TiMePReStStrategy(
+            schedule=args.schedule, num_microbatches=args.n, start_method=args.start_method, balance=balance
+        )
         kw = {"strategy": strategy, "devices": args.devices}
     else:
         kw = {"devices": 1}
@@ -79,8 +109,16 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    val = loader(args.batch_size) if args.val else None
-    trainer.fit(model, loader(args.batch_size), val, ckpt_path=args.resume)
+    if args.model == "DictBatch":
+        cls, kwargs = models.StemNetHead, {"optimizer": args.optimizer, "batch_dict": True}
+    else:
+        cls = getattr(models, args.model)
+        kwargs = {"optimizer": args.optimizer} if "optimizer" in cls.__init__.__code__.co_varnames else {}
+    with trainer.init_module(empty_init=True) if args.empty_init else contextlib.nullcontext():
+        model = cls(**kwargs)
+    make_loader = {"TiedLM": models.token_loader, "DictBatch": models.dict_loader}.get(args.model, models.loader)
+    val = make_loader(args.batch_size) if args.val else None
+    trainer.fit(model, make_loader(args.batch_size), val, ckpt_path=args.resume)
     result = {
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "steps": record.steps,
@@ -88,10 +126,14 @@ def main() -> None:
         "global_step": trainer.global_step,
     }
     if args.predict:
-        result["predictions"] = torch.cat(trainer.predict(model, loader(args.batch_size)))
-        result["test"] = trainer.test(model, loader(args.batch_size), verbose=False)
+        result["predictions"] = torch.cat(trainer.predict(model, make_loader(args.batch_size)))
+        result["test"] = trainer.test(model, make_loader(args.batch_size), verbose=False)
+    if hasattr(model, "created_on_meta"):
+        result["created_on_meta"] = model.created_on_meta
     if trainer.is_global_zero:
         torch.save(result, args.out)
+    if args.devices > 0 and hasattr(record, "placement"):
+        torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""Shared helpers: run tests/scripts/train.py in a subprocess (Lightning's popen launcher then starts the other
+ranks by re-running it) and load what rank 0 saved."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "train.py"
+REPO = Path(__file__).parent.parent
+
+
+def run_script(tmp_path: Path, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"train.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def train(tmp_path: Path, name: str, *args: str) -> dict[str, Any]:
+    out = tmp_path / f"{name}.pt"
+    run_script(tmp_path, *args, "--out", str(out))
+    return torch.load(out, weights_only=False)
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], dict[str, Any]]:
+    return {}
+
+
+@pytest.fixture
+def reference(reference_cache, tmp_path_factory):
+    """Single-device training with the same arguments (cached per argument list)."""
+
+    def get(*args: str) -> dict[str, Any]:
+        if args not in reference_cache:
+            tmp = tmp_path_factory.mktemp("reference")
+            reference_cache[args] = train(tmp, "reference", "--devices", "0", *args)
+        return reference_cache[args]
+
+    return get

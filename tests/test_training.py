@@ -1,0 +1,94 @@
+"""Synchronous schedules against single-device training, with real processes over gloo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_same_params, train
+
+# validation on, 2 epochs (an epoch boundary), 100 samples in batches of 18 (uneven micro-batches 5,5,4,4 and a
+# short last batch of 10), gradient accumulation over 2 batches
+COMMON = ("--val", "--epochs", "2", "--batch-size", "18", "--accumulate", "2", "--n", "4")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("devices", [2, 4])
+def test_matches_single_device(tmp_path, reference, devices, schedule, optimizer):
+    ref = reference(*COMMON, "--optimizer", optimizer)
+    got = train(tmp_path, "pp", *COMMON, "--optimizer", optimizer, "--devices", str(devices), "--schedule", schedule)
+    assert_same_params(ref["state_dict"], got["state_dict"])
+    assert got["global_step"] == ref["global_step"] == 6
+    ref_losses = torch.tensor([s["train_loss_step"] for s in ref["steps"]])
+    got_losses = torch.tensor([s["train_loss_step"] for s in got["steps"]])
+    assert len(got_losses) == 12
+    torch.testing.assert_close(got_losses, ref_losses, rtol=1e-5, atol=1e-6)
+    # what training_step returned to Lightning (the closure loss) is the true mini-batch loss as well
+    torch.testing.assert_close(
+        torch.tensor([s["returned"] for s in got["steps"]]), torch.tensor([s["returned"] for s in ref["steps"]])
+    )
+    for ref_epoch, got_epoch in zip(ref["epochs"], got["epochs"], strict=True):
+        assert set(got_epoch) == set(ref_epoch) >= {"train_loss_epoch", "val_loss", "val_acc"}
+        for k in ref_epoch:
+            assert got_epoch[k] == pytest.approx(ref_epoch[k], rel=1e-5, abs=1e-6), k
+
+
+def test_stage_placement(tmp_path):
+    """Each rank holds only its stage's layers plus the replicated stem and head; the optimizer sees only those."""
+    out = tmp_path / "pp.pt"
+    from conftest import run_script
+
+    run_script(tmp_path, "--devices", "4", "--epochs", "1", "--max-steps", "1", "--out", str(out))
+    outside = {"stem.weight", "stem.bias", "head.weight", "head.bias"}
+    # balance by parameters over layers Linear,Tanh,Linear,Tanh,Linear,Tanh,Linear -> [1, 2, 2, 2]
+    expected = [{"net.0"}, {"net.2"}, {"net.4"}, {"net.6"}]
+    for rank in range(4):
+        placement = torch.load(f"{out}.rank{rank}")
+        names = set(placement["params"])
+        assert names == outside | {f"{layer}.{p}" for layer in expected[rank] for p in ("weight", "bias")}
+        assert set(placement["optimizer"]) == names
+        assert all(device == "cpu" for device in placement["params"].values())
+
+
+@pytest.mark.parametrize("model", ["TiedLM", "DictBatch"])
+def test_tied_weights_and_dict_batches(tmp_path, reference, model):
+    ref = reference("--model", model, "--epochs", "2", "--batch-size", "16", "--optimizer", "adam")
+    got = train(
+        tmp_path,
+        "pp",
+        "--model",
+        model,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--optimizer",
+        "adam",
+        "--devices",
+        "2",
+        "--schedule",
+        "1f1b",
+    )
+    assert_same_params(ref["state_dict"], got["state_dict"])
+    if model == "TiedLM":
+        sd = got["state_dict"]
+        assert torch.equal(sd["embed.weight"], sd["head.weight"]) and torch.equal(
+            sd["embed.weight"], sd["net.4.weight"]
+        )
+
+
+def test_predict_and_test_through_the_pipeline(tmp_path, reference):
+    ref = reference("--epochs", "1", "--predict")
+    got = train(tmp_path, "pp", "--epochs", "1", "--predict", "--devices", "2")
+    assert got["predictions"].shape == (100,)
+    assert torch.equal(got["predictions"], ref["predictions"])
+    assert got["test"][0]["test_loss"] == pytest.approx(ref["test"][0]["test_loss"], rel=1e-5)
+
+
+def test_configure_model_builds_on_meta(tmp_path):
+    got = train(tmp_path, "pp", "--model", "ConfigureModelNet", "--devices", "2", "--epochs", "1", "--predict")
+    assert got["created_on_meta"] is True
+    # the gathered model is complete and usable after fit
+    assert all(not v.is_meta for v in got["state_dict"].values())
+    assert got["predictions"].shape == (100,)
