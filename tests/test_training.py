@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_same_params, train
 
 # validation on, 2 epochs (an epoch boundary), 100 samples in batches of 18 (uneven micro-batches 5,5,4,4 and a
