@@ -258,15 +258,24 @@ class PipelineStrategyMixin:
                 m.process_group = self._metric_groups[self.global_rank]
         if fitting:
             self.setup_optimizers(trainer)
-            if len(self.optimizers) != 1:
-                raise PipelineConfigError(
-                    f"configure_optimizers returned {len(self.optimizers)} optimizers; a pipeline strategy supports "
-                    "exactly one optimizer (with any number of parameter groups)"
-                )
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
         self._failed = False
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        try:
+            super().setup_optimizers(trainer)
+        except RuntimeError as err:
+            # Lightning's own advice here (manual optimization) does not apply to a pipeline
+            if "multiple optimizers" not in str(err):
+                raise
+            self.optimizers = []
+        if len(self.optimizers) != 1:
+            raise PipelineConfigError(
+                "configure_optimizers must return exactly one optimizer for a pipeline strategy (with as many "
+                "parameter groups as you like); several optimizers or none are not supported"
+            )
 
     def _check_supported(self, trainer: Any, module: Any, fitting: bool) -> None:
         if fitting and not module.automatic_optimization:

@@ -17,7 +17,11 @@ REPO = Path(__file__).parent.parent
 
 
 def run_script(tmp_path: Path, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    # in-process Trainers of other tests leave the variables of a launched rank behind; a fresh run must not
+    # mistake itself for one
+    launched = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith("PL_")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         cwd=tmp_path,

@@ -1,0 +1,66 @@
+"""Checkpoints of a pipelined model are ordinary whole-model Lightning checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_params, train
+from models import StemNetHead
+
+ARGS = ("--epochs", "3", "--optimizer", "adam", "--schedule", "1f1b", "--val")
+
+
+@pytest.fixture(scope="module")
+def pipelined_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    result = train(tmp, "full", *ARGS, "--devices", "2", "--ckpt-dir", str(tmp / "ckpts"))
+    return tmp, result
+
+
+def test_checkpoint_loads_in_one_process(pipelined_run):
+    tmp, result = pipelined_run
+    path = tmp / "ckpts" / "epoch=2-step=18.ckpt"
+    model = StemNetHead.load_from_checkpoint(path)
+    assert_same_params(model.state_dict(), result["state_dict"], atol=0)
+    checkpoint = torch.load(path, weights_only=False)
+    assert list(checkpoint["state_dict"]) == list(StemNetHead().state_dict())
+
+
+def test_optimizer_state_is_that_of_one_whole_model_optimizer(pipelined_run, tmp_path):
+    tmp, _ = pipelined_run
+    train(tmp_path, "reference", *ARGS, "--devices", "0", "--ckpt-dir", str(tmp_path / "ckpts"))
+    ours = torch.load(tmp / "ckpts" / "epoch=2-step=18.ckpt", weights_only=False)["optimizer_states"]
+    ref = torch.load(tmp_path / "ckpts" / "epoch=2-step=18.ckpt", weights_only=False)["optimizer_states"]
+    assert len(ours) == len(ref) == 1
+    ours, ref = ours[0], ref[0]
+    assert ours["param_groups"][0]["param_names"] == [n for n, _ in StemNetHead().named_parameters()]
+    assert ours["param_groups"][0]["params"] == ref["param_groups"][0]["params"]
+    assert ours["param_groups"][0]["lr"] == ref["param_groups"][0]["lr"]
+    assert sorted(ours["state"]) == sorted(ref["state"])
+    for i, state in ref["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(ours["state"][i][key], value, rtol=1e-4, atol=1e-6)
+    # a plain torch optimizer of the whole model accepts it
+    model = StemNetHead()
+    torch.optim.Adam(model.parameters()).load_state_dict(ours)
+
+
+@pytest.mark.parametrize("empty_init", [False, True])
+def test_resume_continues_exactly(pipelined_run, tmp_path, empty_init):
+    tmp, full = pipelined_run
+    extra = ("--empty-init",) if empty_init else ()
+    resumed = train(
+        tmp_path, "resumed", *ARGS, "--devices", "2", "--resume", str(tmp / "ckpts" / "epoch=0-step=6.ckpt"), *extra
+    )
+    assert resumed["global_step"] == full["global_step"] == 18
+    assert_same_params(full["state_dict"], resumed["state_dict"], atol=1e-6)
+    # the two remaining epochs log what the uninterrupted run logged
+    for a, b in zip(full["epochs"][1:], resumed["epochs"], strict=True):
+        assert b["train_loss_epoch"] == pytest.approx(a["train_loss_epoch"], rel=1e-6)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_launchers_hand_back_the_trained_model(tmp_path, reference, start_method):
+    ref = reference("--epochs", "1")
+    got = train(tmp_path, "pp", "--epochs", "1", "--devices", "2", "--start-method", start_method)
+    assert_same_params(ref["state_dict"], got["state_dict"])

@@ -1,0 +1,124 @@
+"""Bad configurations fail before training starts, with a message that says what to change; a dead stage ends
+every rank promptly."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import run_script
+from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
+from models import ManualOptimization, StemNetHead, TwoOptimizers, loader
+
+from lightning_timeprest import PipelineConfigError, TiMePReStStrategy
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"schedule": "zigzag"}, "unknown schedule 'zigzag'; choose one of: gpipe, 1f1b"),
+        ({"num_microbatches": 0}, "num_microbatches must be a positive integer"),
+        ({"balance": "flops"}, "unknown balance 'flops'"),
+        ({"balance": [2, 0]}, "balance must list a positive layer count per stage"),
+        ({"p2p_timeout": 0}, "p2p_timeout must be positive"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(PipelineConfigError, match=message):
+        TiMePReStStrategy(**kwargs)
+
+
+def _fit_one_process(model, **trainer_kwargs):
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=TiMePReStStrategy(num_microbatches=4),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, loader(trainer_kwargs.pop("batch_size", 18)))
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "model, trainer_kwargs, message",
+    [
+        (ManualOptimization, {}, r"manual optimization \(automatic_optimization = False\) is not supported"),
+        (TwoOptimizers, {}, "configure_optimizers must return exactly one optimizer for a pipeline strategy"),
+        (StemNetHead, {"gradient_clip_val": 1.0}, "gradient_clip_val is not supported yet"),
+        # what precision="16-mixed" gives on a GPU: autocast with a loss scaler
+        (StemNetHead, {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}, "16-mixed"),
+    ],
+)
+def test_unsupported_setups_fail_at_start(model, trainer_kwargs, message):
+    instance = model()
+    with pytest.raises(PipelineConfigError, match=message):
+        _fit_one_process(instance, **trainer_kwargs)
+    assert instance.trainer.global_step == 0
+
+
+def test_batch_smaller_than_num_microbatches():
+    model = StemNetHead()
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=TiMePReStStrategy(num_microbatches=4),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match="a batch of 3 samples cannot be split into 4 micro-batches"):
+        trainer.fit(model, loader(batch_size=3))
+
+
+def test_more_stages_than_layers(tmp_path):
+    start = time.monotonic()
+    proc = run_script(tmp_path, "--model", "ShortNet", "--devices", "4", "--out", str(tmp_path / "x.pt"), check=False)
+    assert proc.returncode != 0
+    assert "the pipelined module 'net' has 2 layers, too few for 4 stages" in proc.stderr
+    assert "use at most 2 devices" in proc.stderr
+    assert time.monotonic() - start < 120
+
+
+def _alive(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    return out.split()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_dead_stage_ends_every_rank(tmp_path, rank):
+    out = str(tmp_path / f"dies{rank}.pt")
+    start = time.monotonic()
+    proc = run_script(
+        tmp_path,
+        "--devices",
+        "2",
+        "--epochs",
+        "3",
+        "--die-rank",
+        str(rank),
+        "--die-step",
+        "3",
+        "--out",
+        out,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 60
+    while _alive(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(out), "a rank kept running after its peer died"
+    assert time.monotonic() - start < 120
+    if rank == 1:
+        # rank 0 reports which peer it lost
+        assert "PipelineCommError" in proc.stderr or "Connection closed by peer" in proc.stderr
