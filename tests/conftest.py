@@ -16,16 +16,20 @@ SCRIPT = Path(__file__).parent / "scripts" / "train.py"
 REPO = Path(__file__).parent.parent
 
 
-def run_script(tmp_path: Path, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
-    # in-process Trainers of other tests leave the variables of a launched rank behind; a fresh run must not
-    # mistake itself for one
+def clean_env() -> dict[str, str]:
+    """The environment for a fresh run: in-process Trainers of other tests leave the variables of a launched rank
+    behind, and a new run must not mistake itself for one."""
     launched = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
     env = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith("PL_")}
     env.update(PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def run_script(tmp_path: Path, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         cwd=tmp_path,
-        env=env,
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

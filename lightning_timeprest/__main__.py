@@ -1,0 +1,3 @@
+from lightning_timeprest.cli import main
+
+main()
