@@ -32,18 +32,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint does not fit the model or the optimizer it is loaded into."""
 
 
-def canonical_param_names(module: nn.Module, param_order: Sequence[str]) -> dict[int, str]:
-    """Map ``id(param)`` to the name the parameter has in the full model.
-
-    A tied parameter has several names; the canonical one is the name that comes first in the full model's
-    ``named_parameters()`` order, which every rank knows, so all stages agree on it.
-    """
-    rank = {name: i for i, name in enumerate(param_order)}
-    names: dict[int, str] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if name in rank and (id(p) not in names or rank[name] < rank[names[id(p)]]):
-            names[id(p)] = name
-    return names
+def canonical_param_names(module: nn.Module, aliases: Mapping[str, str]) -> dict[int, str]:
+    """Map ``id(param)`` to the canonical name of each parameter of ``module`` (``aliases``: see
+    :func:`lightning_timeprest.partition.parameter_aliases`), so that all stages name a tied parameter alike."""
+    return {id(p): aliases[name] for name, p in module.named_parameters(remove_duplicate=False)}
 
 
 def _cpu(value: Any) -> Any:

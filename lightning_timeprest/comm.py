@@ -17,7 +17,8 @@ through CPU memory; with nccl tensors travel from the device directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["PipelineCommError", "PipelineGroups", "StageComm", "new_pipeline_groups"]
+__all__ = ["PipelineCommError", "PipelineGroups", "StageComm", "destroy_pipeline_groups", "new_pipeline_groups"]
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -200,22 +201,52 @@ class StageComm:
             except RuntimeError as err:
                 raise PipelineCommError(f"stage {self.stage}: a send to a neighbour did not complete: {err}") from err
 
-    # -- control plane: small Python objects over the gloo control group ----------------------------------
+    # -- control plane: small Python objects and replicated tensors over the gloo control group -------------
+
+    @contextmanager
+    def _control(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as err:
+            raise PipelineCommError(
+                f"stage {self.stage} (rank {dist.get_rank()}) failed while {what}; another stage of the pipeline "
+                f"crashed, was killed or stopped answering: {err}"
+            ) from err
 
     def send_object(self, obj: Any, dst_stage: int) -> None:
-        dist.send_object_list([obj], dst=self._rank_of(dst_stage), group=self.groups.control)
+        with self._control(f"sending to stage {dst_stage}"):
+            dist.send_object_list([obj], dst=self._rank_of(dst_stage), group=self.groups.control)
 
     def recv_object(self, src_stage: int) -> Any:
         box: list[Any] = [None]
-        dist.recv_object_list(box, src=self._rank_of(src_stage), group=self.groups.control)
+        with self._control(f"receiving from stage {src_stage}"):
+            dist.recv_object_list(box, src=self._rank_of(src_stage), group=self.groups.control)
         return box[0]
 
     def broadcast_object(self, obj: Any, src_stage: int) -> Any:
         box = [obj if self.stage == src_stage else None]
-        dist.broadcast_object_list(box, src=self._rank_of(src_stage), group=self.groups.control)
+        with self._control(f"exchanging step results from stage {src_stage}"):
+            dist.broadcast_object_list(box, src=self._rank_of(src_stage), group=self.groups.control)
         return box[0]
 
     def gather_objects(self, obj: Any, dst_stage: int = 0) -> list[Any] | None:
         out: list[Any] | None = [None] * self.num_stages if self.stage == dst_stage else None
-        dist.gather_object(obj, out, dst=self._rank_of(dst_stage), group=self.groups.control)
+        with self._control(f"gathering stage states on stage {dst_stage}"):
+            dist.gather_object(obj, out, dst=self._rank_of(dst_stage), group=self.groups.control)
         return out
+
+    def broadcast_tensor(self, tensor: Tensor, src_stage: int) -> None:
+        """Broadcast a CPU tensor in place from ``src_stage`` to every stage."""
+        with self._control(f"copying replicated tensors from stage {src_stage}"):
+            dist.broadcast(tensor, self._rank_of(src_stage), group=self.groups.control)
+
+    def all_reduce_sum(self, tensor: Tensor) -> None:
+        """Sum a CPU tensor in place over all stages."""
+        with self._control("summing gradients of replicated parameters"):
+            dist.all_reduce(tensor, group=self.groups.control)
+
+
+def destroy_pipeline_groups(groups: PipelineGroups) -> None:
+    """Release the process groups of :func:`new_pipeline_groups` (each rank, for its own pipeline)."""
+    for group in (groups.activations, groups.gradients, groups.control):
+        dist.destroy_process_group(group)

@@ -14,15 +14,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 __all__ = [
     "PartitionError",
+    "Replicated",
     "StagePlan",
     "balance_by_cost",
     "find_pipelined_module",
     "layer_parameter_counts",
+    "parameter_aliases",
     "plan_stages",
+    "replicated_parameters",
 ]
 
 BalanceSpec = Sequence[int] | str
@@ -143,3 +147,42 @@ def plan_stages(module_name: str, sequential: nn.Sequential, num_stages: int, ba
                 f"that add up to the {n} layers of {module_name!r}"
             )
     return StagePlan(module_name, tuple(counts), layer_names)
+
+
+def parameter_aliases(module: nn.Module) -> dict[str, str]:
+    """Map every name of every parameter to its canonical name: the first one ``named_parameters()`` gives.
+
+    Tied parameters have several names; every rank resolves them to the same canonical name from this map, made
+    on the full model, whichever of the names its own stage can still reach.
+    """
+    canonical = {id(p): name for name, p in module.named_parameters()}
+    return {name: canonical[id(p)] for name, p in module.named_parameters(remove_duplicate=False)}
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """A parameter that several stages hold: it lives outside the pipelined module, or is tied across stages.
+
+    Every stage that holds it keeps a full copy; the copies start from ``source``'s values and their gradients
+    are summed over the stages, so they stay identical, as the one tensor of single-device training.
+    """
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    source: int
+
+
+def replicated_parameters(module: nn.Module, plan: StagePlan) -> list[Replicated]:
+    """The parameters of ``module`` (the full model) that more than one stage holds, in model order."""
+    prefix = plan.module_name + "."
+    stage_of = {layer: s for s in range(plan.num_stages) for layer in plan.layers_of(s)}
+    holders: dict[int, set[int]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        stages = {stage_of[name[len(prefix) :].split(".")[0]]} if name.startswith(prefix) else set(stage_of.values())
+        holders.setdefault(id(p), set()).update(stages)
+    return [
+        Replicated(name, p.shape, p.dtype, min(holders[id(p)]))
+        for name, p in module.named_parameters()
+        if len(holders[id(p)]) > 1
+    ]

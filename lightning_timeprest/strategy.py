@@ -36,12 +36,21 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 from torch.optim import Optimizer
+from torchmetrics import Metric
 
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import metrics
-from lightning_timeprest.comm import PipelineGroups, StageComm, new_pipeline_groups
+from lightning_timeprest.comm import PipelineGroups, StageComm, destroy_pipeline_groups, new_pipeline_groups
 from lightning_timeprest.microbatch import batch_size, join, split
-from lightning_timeprest.partition import StagePlan, find_pipelined_module, plan_stages
+from lightning_timeprest.partition import (
+    Replicated,
+    StagePlan,
+    find_pipelined_module,
+    layer_parameter_counts,
+    parameter_aliases,
+    plan_stages,
+    replicated_parameters,
+)
 from lightning_timeprest.runtime import PipelineRuntime, StageModule
 from lightning_timeprest.schedules import SCHEDULES, Schedule, build_schedule, gpipe
 
@@ -95,6 +104,21 @@ def _parameters_on_meta() -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def _ties_kept(module: nn.Module) -> Iterator[None]:
+    """Keep tied parameters tied through materialisation (``to_empty`` gives each module its own new tensor)."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((sub, name))
+    yield
+    for group in places.values():
+        first_module, first_name = group[0]
+        for sub, name in group[1:]:
+            sub._parameters[name] = first_module._parameters[first_name]
 
 
 def _release(module: nn.Module, keep: set[int]) -> None:
@@ -186,10 +210,12 @@ class PipelineStrategyMixin:
         self._sequential: nn.Sequential | None = None
         self._state_keys: list[str] = []
         self._param_order: list[str] = []
-        self._shared: list[nn.Parameter] = []
+        self._aliases: dict[str, str] = {}
+        self._replicated: list[Replicated] = []
         self._new_grads: dict[nn.Parameter, Tensor | None] | None = None
         self._schedules: dict[tuple[str, int], Schedule] = {}
-        self._metric_groups: list[Any] = []
+        self._metric_group: Any = None
+        self._metric_groups_before: dict[Metric, Any] = {}
         self._failed = False
 
     # -- topology -------------------------------------------------------------------------------------------
@@ -220,7 +246,8 @@ class PipelineStrategyMixin:
         ranks = list(range(self.world_size))
         self._groups = new_pipeline_groups([ranks], self.global_rank, backend, self._timeout or default_pg_timeout)
         # torchmetrics syncs over its process_group on compute(); each stage computes its metrics on its own
-        self._metric_groups = [dist.new_group([r], backend="gloo") for r in ranks]
+        # (new_group is collective: every rank creates every singleton group, and keeps its own)
+        self._metric_group = [dist.new_group([r], backend="gloo") for r in ranks][self.global_rank]
 
     # -- model placement ------------------------------------------------------------------------------------
 
@@ -253,9 +280,11 @@ class PipelineStrategyMixin:
         self.precision_plugin.convert_module(module)
         self.model_to_device()
         self._sync_replicated()
+        self._metric_groups_before = {}
         for m in module.modules():
-            if hasattr(m, "process_group") and hasattr(m, "metric_state"):
-                m.process_group = self._metric_groups[self.global_rank]
+            if isinstance(m, Metric):
+                self._metric_groups_before[m] = m.process_group
+                m.process_group = self._metric_group
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -298,48 +327,72 @@ class PipelineStrategyMixin:
         plan = plan_stages(name, sequential, self.num_stages, self.balance)
         self._state_keys = list(module.state_dict().keys())
         self._param_order = [n for n, _ in module.named_parameters()]
+        self._aliases = parameter_aliases(module)
+        self._replicated = replicated_parameters(module, plan)
         prefix = name + "."
-        outside = {id(t) for n, t in module.named_parameters(remove_duplicate=False) if not n.startswith(prefix)}
-        outside |= {id(t) for n, t in module.named_buffers(remove_duplicate=False) if not n.startswith(prefix)}
+        keep = {id(p) for n, p in module.named_parameters() if n in {r.name for r in self._replicated}}
+        keep |= {id(t) for n, t in module.named_buffers(remove_duplicate=False) if not n.startswith(prefix)}
         local = plan.layers_of(self.stage)
         for layer_name, layer in sequential.named_children():
             if layer_name not in local:
-                _release(layer, keep=outside)
+                _release(layer, keep=keep)
         stage_module = StageModule(name, [(n, sequential._modules[n]) for n in local])
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attr, stage_module)
-        _materialize_meta_tensors(module, self.root_device)
+        with _ties_kept(module):
+            _materialize_meta_tensors(module, self.root_device)
         if not any(True for _ in module.parameters()):
             raise PipelineConfigError(
                 f"stage {self.stage} holds layers {list(local)} of {name!r}, which have no parameters; choose a "
                 "balance that gives every stage a layer with parameters"
             )
         self._plan, self._sequential = plan, sequential
-        self._shared = [p for n, p in module.named_parameters() if not n.startswith(prefix)]
         assert self._groups is not None
         comm = StageComm(
             self.stage, self._groups, self.root_device, self.p2p_timeout, self._get_process_group_backend()
         )
         self._runtime = PipelineRuntime(self.stage, self.num_stages, stage_module, comm)
         if self.is_global_zero:
-            table = "\n".join(f"  stage {s}: layers {', '.join(plan.layers_of(s))}" for s in range(plan.num_stages))
+            counts = layer_parameter_counts(sequential)
+            rows = []
+            for s in range(plan.num_stages):
+                start = sum(plan.balance[:s])
+                layers = plan.layers_of(s)
+                rows.append(
+                    f"  stage {s}: layers {', '.join(layers)} ({sum(counts[start : start + len(layers)]):,} params)"
+                )
             rank_zero_info(
                 f"{type(self).__name__}: schedule={self.schedule_name}, stages={self.num_stages}, "
-                f"micro-batches={self.num_microbatches}, pipelined module {name!r}\n{table}"
+                f"micro-batches={self.num_microbatches}, pipelined module {name!r}, "
+                f"{len(self._replicated)} replicated parameters\n" + "\n".join(rows)
             )
 
+    def _replicated_here(self) -> list[nn.Parameter | None]:
+        """This rank's copy of each replicated parameter (``None`` where its stage does not hold it)."""
+        module = self.lightning_module
+        assert module is not None
+        names = ckpt.canonical_param_names(module, self._aliases)
+        by_name = {names[id(p)]: p for p in module.parameters()}
+        return [by_name.get(r.name) for r in self._replicated]
+
     def _sync_replicated(self) -> None:
-        """Make the replicated (outside the pipeline) tensors identical on all stages: stage 0's win."""
+        """Make every replicated tensor identical on all stages that hold it (the lowest holder's values win)."""
         module = self.lightning_module
         assert module is not None and self._plan is not None and self._groups is not None
+        if self.num_stages == 1:
+            return
         prefix = self._plan.module_name + "."
-        tensors = [t for n, t in module.state_dict(keep_vars=True).items() if not n.startswith(prefix)]
-        if self.num_stages > 1:
-            with torch.no_grad():
-                for t in tensors:
-                    wire = t.detach().cpu() if self._get_process_group_backend() == "gloo" else t.detach()
-                    dist.broadcast(wire, self._groups.ranks[0], group=self._groups.control)
-                    t.detach().copy_(wire)
+        assert self._runtime is not None
+        pairs: list[tuple[Tensor | None, int, torch.Size, torch.dtype]] = [
+            (p, r.source, r.shape, r.dtype) for r, p in zip(self._replicated, self._replicated_here(), strict=True)
+        ]
+        pairs += [(b, 0, b.shape, b.dtype) for n, b in module.named_buffers() if not n.startswith(prefix)]
+        with torch.no_grad():
+            for tensor, source, shape, dtype in pairs:
+                wire = tensor.detach().cpu() if tensor is not None else torch.empty(shape, dtype=dtype)
+                self._runtime.comm.broadcast_tensor(wire, source)
+                if tensor is not None:
+                    tensor.copy_(wire)
 
     def _unpartition(self, gather: bool) -> None:
         """Put the ``nn.Sequential`` back; with ``gather``, rank 0 gets every stage's trained tensors."""
@@ -366,6 +419,13 @@ class PipelineStrategyMixin:
 
     def teardown(self) -> None:
         self._unpartition(gather=not self._failed)
+        for metric, group in self._metric_groups_before.items():
+            metric.process_group = group
+        self._metric_groups_before = {}
+        if self._groups is not None:
+            destroy_pipeline_groups(self._groups)
+            dist.destroy_process_group(self._metric_group)
+            self._groups = self._metric_group = None
         module = self.lightning_module
         _optimizers_to_device(self.optimizers, torch.device("cpu"))
         if module is not None:
@@ -453,24 +513,30 @@ class PipelineStrategyMixin:
         return self.precision_plugin.post_backward(closure_loss, module)
 
     def _sum_shared_gradients(self, grads: dict[nn.Parameter, Tensor | None]) -> None:
-        """Sum over stages the gradients of the replicated parameters (stems, heads, tied weights)."""
-        if self.num_stages == 1 or not self._shared:
+        """Sum over stages the gradients of the replicated parameters (stems, heads, tied weights).
+
+        A parameter no stage computed a gradient for keeps ``grad=None``, as on one device (so momentum or weight
+        decay do not move it).
+        """
+        if not self._replicated or self.num_stages == 1:
             return
         assert self._groups is not None
-        flags = torch.tensor([grads.get(p) is not None for p in self._shared], dtype=torch.float32)
+        here = self._replicated_here()
+        local = [grads.get(p) if p is not None else None for p in here]
         flat = torch.cat(
-            [flags]
+            [torch.tensor([g is not None for g in local], dtype=torch.float32)]
             + [
-                (g if (g := grads.get(p)) is not None else torch.zeros_like(p)).detach().reshape(-1).float().cpu()
-                for p in self._shared
+                (g.detach().reshape(-1).float().cpu() if g is not None else torch.zeros(r.shape.numel()))
+                for r, g in zip(self._replicated, local, strict=True)
             ]
         )
-        dist.all_reduce(flat, group=self._groups.control)
-        offset = len(self._shared)
-        for i, p in enumerate(self._shared):
-            n = p.numel()
-            if flat[i] > 0:
-                grads[p] = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
+        assert self._runtime is not None
+        self._runtime.comm.all_reduce_sum(flat)
+        offset = len(here)
+        for i, (r, p) in enumerate(zip(self._replicated, here, strict=True)):
+            n = r.shape.numel()
+            if p is not None and flat[i] > 0:
+                grads[p] = flat[offset : offset + n].view(r.shape).to(device=p.device, dtype=p.dtype)
             offset += n
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -538,7 +604,7 @@ class PipelineStrategyMixin:
         module, runtime = self.lightning_module, self._runtime
         assert module is not None and runtime is not None
         optimizer = getattr(optimizer, "_optimizer", optimizer)
-        names = ckpt.canonical_param_names(module, self._param_order)
+        names = ckpt.canonical_param_names(module, self._aliases)
         parts = runtime.comm.gather_objects(ckpt.named_optimizer_state(optimizer, names))
         return ckpt.consolidate_optimizer_states(parts, self._param_order) if parts is not None else {}
 
@@ -560,7 +626,7 @@ class PipelineStrategyMixin:
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         module = self.lightning_module
         assert module is not None
-        names = ckpt.canonical_param_names(module, self._param_order)
+        names = ckpt.canonical_param_names(module, self._aliases)
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             optimizer.load_state_dict(ckpt.local_optimizer_state(optimizer, saved, names))
         _optimizers_to_device(self.optimizers, self.root_device)

@@ -19,7 +19,10 @@ REPO = Path(__file__).parent.parent
 def clean_env() -> dict[str, str]:
     """The environment for a fresh run: in-process Trainers of other tests leave the variables of a launched rank
     behind, and a new run must not mistake itself for one."""
+    # (OMP_NUM_THREADS too: Lightning sets it for a one-process run, and a forked rank that inherits 2 OpenMP
+    # threads from a parent that already used them can deadlock in libgomp)
     launched = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
+    launched |= {"OMP_NUM_THREADS"}
     env = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith("PL_")}
     env.update(PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     return env

@@ -105,7 +105,8 @@ def token_loader(batch_size: int = 16, num_samples: int = 96, seq: int = 6) -> D
 
 
 class TiedLM(LightningModule):
-    """Embedding (stem) tied to the output projection (head), and to the last pipelined layer as well."""
+    """Embedding (stem) tied to the output projection (head) and to the last pipelined layer; two pipelined layers
+    on different stages share a bias."""
 
     def __init__(self, optimizer: str = "sgd") -> None:
         super().__init__()
@@ -116,6 +117,7 @@ class TiedLM(LightningModule):
             nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width, bias=False)
         )
         self.net[4].weight = self.embed.weight
+        self.net[2].bias = self.net[0].bias  # tied across stages inside the pipelined module
         self.head = nn.Linear(width, VOCAB, bias=False)
         self.head.weight = self.embed.weight
 

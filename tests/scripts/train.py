@@ -14,6 +14,7 @@ import sys
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +33,17 @@ class Record(Callback):
         m = trainer.callback_metrics
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.steps.append(
-            {"train_loss_step": float(m.get("train_loss_step", m["train_loss"])), "returned": float(loss)}
+            {
+                "train_loss_step": float(m.get("train_loss_step", m["train_loss"])),
+                "returned": float(loss),
+                # what loggers and the progress bar receive
+                "logged": float(
+                    trainer.logged_metrics.get("train_loss_step", trainer.logged_metrics.get("train_loss"))
+                ),
+                "progress_bar": float(trainer.progress_bar_metrics["train_loss_step"])
+                if "train_loss_step" in trainer.progress_bar_metrics
+                else None,
+            }
         )
 
     def on_train_start(self, trainer, pl_module):
@@ -104,7 +115,8 @@ def main() -> None:
         limit_val_batches=1.0 if args.val else 0,
         num_sanity_val_steps=2 if args.val else 0,
         callbacks=callbacks,
-        logger=False,
+        logger=CSVLogger(save_dir=os.getcwd(), name="logs"),
+        log_every_n_steps=1,
         enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
