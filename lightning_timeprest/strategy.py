@@ -13,7 +13,6 @@ part of the schedule; the gradients it produced are set aside until Lightning's 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -52,11 +51,9 @@ from lightning_timeprest.partition import (
     replicated_parameters,
 )
 from lightning_timeprest.runtime import PipelineRuntime, StageModule
-from lightning_timeprest.schedules import SCHEDULES, Schedule, build_schedule, gpipe
+from lightning_timeprest.schedules import SCHEDULES, Schedule, build_schedule
 
 __all__ = ["PipelineConfigError", "PipelineStrategyMixin", "TiMePReStStrategy"]
-
-log = logging.getLogger(__name__)
 
 
 class PipelineConfigError(ValueError):
@@ -216,6 +213,7 @@ class PipelineStrategyMixin:
         self._schedules: dict[tuple[str, int], Schedule] = {}
         self._metric_group: Any = None
         self._metric_groups_before: dict[Metric, Any] = {}
+        self._final_optimizer_states: dict[int, dict[str, Any]] = {}
         self._failed = False
 
     # -- topology -------------------------------------------------------------------------------------------
@@ -418,6 +416,8 @@ class PipelineStrategyMixin:
         super().on_exception(exception)
 
     def teardown(self) -> None:
+        if not self._failed and self._runtime is not None:
+            self._final_optimizer_states = {id(o): self.optimizer_state(o) for o in self.optimizers}
         self._unpartition(gather=not self._failed)
         for metric, group in self._metric_groups_before.items():
             metric.process_group = group
@@ -459,44 +459,18 @@ class PipelineStrategyMixin:
         return batch
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        module, runtime = self.lightning_module, self._runtime
-        assert module is not None and runtime is not None
-        batch, rest = self._stage0_batch(args[0]), args[1:]
-        microbatches, sizes = split(batch, self.num_microbatches)
-        total = sum(sizes)
-        accumulate = module.trainer.accumulate_grad_batches
-        weights = [n / total / accumulate for n in sizes]
-        capture = metrics.LogCapture(module)
-
-        def call_user(j: int) -> Any:
-            with capture.microbatch():
-                return module.training_step(microbatches[j], *rest, **kwargs)
-
+        """Run one mini-batch forward and backward through the pipeline; return its loss on every rank."""
+        module = self.lightning_module
+        assert module is not None
+        # Lightning calls zero_grad between this step and backward(): keep this step's gradients aside until then
         params = list(module.parameters())
         earlier = [p.grad for p in params]
         for p in params:
             p.grad = None
-        scope = metrics.metric_step_scope(module) if runtime.is_last else nullcontext()
-        with self.precision_plugin.train_step_context(), scope:
-            result = runtime.run(
-                self._schedule(self.schedule_name, len(sizes)),
-                call_user,
-                train=True,
-                loss_of=_loss_of,
-                loss_weights=weights,
-            )
+        loss = self._pipelined_step("training_step", self.precision_plugin.train_step_context, args, kwargs, True)
         self._new_grads = {p: p.grad for p in params}
         for p, g in zip(params, earlier, strict=True):
             p.grad = g
-
-        payload = None
-        if runtime.is_last:
-            losses = torch.stack([_loss_of(o).detach().to(torch.float64) for o in result.outputs])
-            loss = (losses * torch.tensor(sizes, dtype=torch.float64, device=losses.device)).sum() / total
-            logged = metrics.reduce_logged(module, capture.calls, sizes)
-            payload = (loss.float().cpu(), logged, metrics.metric_states(module, logged))
-        loss, logged, states = runtime.comm.broadcast_object(payload, self.last_stage)
-        metrics.replay(module, logged, states)
         return loss.to(self.root_device)
 
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
@@ -540,23 +514,32 @@ class PipelineStrategyMixin:
             offset += n
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._eval_step("validation_step", self.precision_plugin.val_step_context, args, kwargs)
+        self._pipelined_step("validation_step", self.precision_plugin.val_step_context, args, kwargs, False)
         return None
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._eval_step("test_step", self.precision_plugin.test_step_context, args, kwargs)
+        self._pipelined_step("test_step", self.precision_plugin.test_step_context, args, kwargs, False)
         return None
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._eval_step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
+        return self._pipelined_step("predict_step", self.precision_plugin.predict_step_context, args, kwargs, False)
 
-    def _eval_step(self, hook: str, context: Callable[[], Any], args: tuple, kwargs: dict) -> Any:
-        """Forward-only pipeline pass; returns the joined step outputs on every rank (used by predict)."""
+    def _pipelined_step(
+        self, hook: str, context: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[str, Any], train: bool
+    ) -> Any:
+        """Run the user's ``hook`` on one mini-batch through the pipeline and log what it logged, on every rank.
+
+        Returns, on every rank: the mini-batch loss when training, the joined outputs of ``predict_step``,
+        otherwise ``None``.
+        """
         module, runtime = self.lightning_module, self._runtime
         assert module is not None and runtime is not None
         batch, rest = self._stage0_batch(args[0]), args[1:]
-        # an evaluation batch smaller than N is run in fewer micro-batches: there is no gradient to match
-        microbatches, sizes = split(batch, min(self.num_microbatches, batch_size(batch)))
+        # an evaluation batch smaller than N runs in fewer micro-batches: it has no gradient to match
+        n = self.num_microbatches if train else min(self.num_microbatches, batch_size(batch))
+        microbatches, sizes = split(batch, n)
+        total = sum(sizes)
+        weights = [size / total / module.trainer.accumulate_grad_batches for size in sizes]
         capture = metrics.LogCapture(module)
         step = getattr(module, hook)
 
@@ -564,17 +547,24 @@ class PipelineStrategyMixin:
             with capture.microbatch():
                 return step(microbatches[j], *rest, **kwargs)
 
+        # evaluation is forward-only, for which every synchronous schedule is gpipe's forward order
+        schedule = self._schedule(self.schedule_name if train else "gpipe", len(sizes))
         scope = metrics.metric_step_scope(module) if runtime.is_last else nullcontext()
         with context(), scope:
-            result = runtime.run(gpipe(self.num_stages, len(sizes)), call_user, train=False)
+            result = runtime.run(schedule, call_user, train=train, loss_of=_loss_of, loss_weights=weights)
+
         payload = None
         if runtime.is_last:
+            if train:
+                losses = torch.stack([_loss_of(o).detach().double().cpu() for o in result.outputs])
+                value = ((losses * torch.tensor(sizes, dtype=torch.float64)).sum() / total).float()
+            else:
+                value = move_data_to_device(join(result.outputs), "cpu") if hook == "predict_step" else None
             logged = metrics.reduce_logged(module, capture.calls, sizes)
-            outputs = move_data_to_device(join(result.outputs), "cpu") if hook == "predict_step" else None
-            payload = (logged, metrics.metric_states(module, logged), outputs)
-        logged, states, outputs = runtime.comm.broadcast_object(payload, self.last_stage)
+            payload = (value, logged, metrics.metric_states(module, logged))
+        value, logged, states = runtime.comm.broadcast_object(payload, self.last_stage)
         metrics.replay(module, logged, states)
-        return outputs
+        return value
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 
@@ -600,10 +590,16 @@ class PipelineStrategyMixin:
         return ckpt.merge_state_dicts(parts, self._state_keys) if parts is not None else {}
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The whole-model optimizer state on rank 0 (gathered from all stages), empty on the other ranks."""
+        """The whole-model optimizer state on rank 0 (gathered from all stages), empty on the other ranks.
+
+        After ``fit`` (``trainer.save_checkpoint`` in the user's script) the stages are gone: the state gathered
+        at teardown is returned.
+        """
         module, runtime = self.lightning_module, self._runtime
-        assert module is not None and runtime is not None
         optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if runtime is None:
+            return self._final_optimizer_states.get(id(optimizer), {})
+        assert module is not None
         names = ckpt.canonical_param_names(module, self._aliases)
         parts = runtime.comm.gather_objects(ckpt.named_optimizer_state(optimizer, names))
         return ckpt.consolidate_optimizer_states(parts, self._param_order) if parts is not None else {}

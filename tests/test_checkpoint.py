@@ -13,7 +13,9 @@ ARGS = ("--epochs", "3", "--optimizer", "adam", "--schedule", "1f1b", "--val")
 @pytest.fixture(scope="module")
 def pipelined_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
-    result = train(tmp, "full", *ARGS, "--devices", "2", "--ckpt-dir", str(tmp / "ckpts"))
+    result = train(
+        tmp, "full", *ARGS, "--devices", "2", "--ckpt-dir", str(tmp / "ckpts"), "--save-final", str(tmp / "final.ckpt")
+    )
     return tmp, result
 
 
@@ -64,3 +66,15 @@ def test_launchers_hand_back_the_trained_model(tmp_path, reference, start_method
     ref = reference("--epochs", "1")
     got = train(tmp_path, "pp", "--epochs", "1", "--devices", "2", "--start-method", start_method)
     assert_same_params(ref["state_dict"], got["state_dict"])
+
+
+def test_save_checkpoint_after_fit(pipelined_run):
+    """trainer.save_checkpoint in the user's script after fit still writes the whole model and optimizer."""
+    tmp, result = pipelined_run
+    final = torch.load(tmp / "final.ckpt", weights_only=False)
+    last = torch.load(tmp / "ckpts" / "epoch=2-step=18.ckpt", weights_only=False)
+    assert_same_params(final["state_dict"], result["state_dict"], atol=0)
+    assert final["optimizer_states"][0]["param_groups"] == last["optimizer_states"][0]["param_groups"]
+    for i, state in last["optimizer_states"][0]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(final["optimizer_states"][0]["state"][i][key], value)

@@ -31,7 +31,8 @@ def test_constructor_rejects_bad_arguments(kwargs, message):
         TiMePReStStrategy(**kwargs)
 
 
-def _fit_one_process(model, **trainer_kwargs):
+def _fit_one_process(model, batch_size: int = 18, **trainer_kwargs):
+    """A one-stage pipeline in this process: enough to reach every check made at setup or in a step."""
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -43,8 +44,7 @@ def _fit_one_process(model, **trainer_kwargs):
         enable_model_summary=False,
         **trainer_kwargs,
     )
-    trainer.fit(model, loader(trainer_kwargs.pop("batch_size", 18)))
-    return trainer
+    trainer.fit(model, loader(batch_size))
 
 
 @pytest.mark.parametrize(
@@ -65,19 +65,8 @@ def test_unsupported_setups_fail_at_start(model, trainer_kwargs, message):
 
 
 def test_batch_smaller_than_num_microbatches():
-    model = StemNetHead()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=TiMePReStStrategy(num_microbatches=4),
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     with pytest.raises(ValueError, match="a batch of 3 samples cannot be split into 4 micro-batches"):
-        trainer.fit(model, loader(batch_size=3))
+        _fit_one_process(StemNetHead(), batch_size=3)
 
 
 def test_more_stages_than_layers(tmp_path):

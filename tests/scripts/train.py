@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--balance", default=None, help="comma-separated layer counts")
     p.add_argument("--die-rank", type=int, default=-1)
     p.add_argument("--die-step", type=int, default=-1)
+    p.add_argument("--save-final", default=None, help="trainer.save_checkpoint(PATH) after fit")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -131,6 +132,8 @@ def main() -> None:
     make_loader = {"TiedLM": models.token_loader, "DictBatch": models.dict_loader}.get(args.model, models.loader)
     val = make_loader(args.batch_size) if args.val else None
     trainer.fit(model, make_loader(args.batch_size), val, ckpt_path=args.resume)
+    if args.save_final:
+        trainer.save_checkpoint(args.save_final)
     result = {
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "steps": record.steps,
