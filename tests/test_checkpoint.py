@@ -55,6 +55,13 @@ def test_resume_continues_exactly(pipelined_run, tmp_path, empty_init):
         tmp_path, "resumed", *ARGS, "--devices", "2", "--resume", str(tmp / "ckpts" / "epoch=0-step=6.ckpt"), *extra
     )
     assert resumed["global_step"] == full["global_step"] == 18
+    if empty_init:
+        # the model was built without storage, and each rank materialised only its own stage
+        assert resumed["created_on_meta"] is True
+        outside = {"stem.weight", "stem.bias", "head.weight", "head.bias"}
+        for rank, layers in enumerate([("net.0", "net.2"), ("net.4", "net.6")]):
+            held = set(torch.load(tmp_path / f"resumed.pt.rank{rank}")["params"])
+            assert held == outside | {f"{layer}.{p}" for layer in layers for p in ("weight", "bias")}
     assert_same_params(full["state_dict"], resumed["state_dict"], atol=1e-6)
     # the two remaining epochs log what the uninterrupted run logged
     for a, b in zip(full["epochs"][1:], resumed["epochs"], strict=True):

@@ -129,6 +129,7 @@ def main() -> None:
         kwargs = {"optimizer": args.optimizer} if "optimizer" in cls.__init__.__code__.co_varnames else {}
     with trainer.init_module(empty_init=True) if args.empty_init else contextlib.nullcontext():
         model = cls(**kwargs)
+    created_on_meta = all(p.is_meta for p in model.parameters()) if args.empty_init else None
     make_loader = {"TiedLM": models.token_loader, "DictBatch": models.dict_loader}.get(args.model, models.loader)
     val = make_loader(args.batch_size) if args.val else None
     trainer.fit(model, make_loader(args.batch_size), val, ckpt_path=args.resume)
@@ -143,8 +144,7 @@ def main() -> None:
     if args.predict:
         result["predictions"] = torch.cat(trainer.predict(model, make_loader(args.batch_size)))
         result["test"] = trainer.test(model, make_loader(args.batch_size), verbose=False)
-    if hasattr(model, "created_on_meta"):
-        result["created_on_meta"] = model.created_on_meta
+    result["created_on_meta"] = getattr(model, "created_on_meta", created_on_meta)
     if trainer.is_global_zero:
         torch.save(result, args.out)
     if args.devices > 0 and hasattr(record, "placement"):
