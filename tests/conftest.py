@@ -28,11 +28,13 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run_script(tmp_path: Path, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(
+    tmp_path: Path, *args: str, timeout: float = 240, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         cwd=tmp_path,
-        env=clean_env(),
+        env={**clean_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
@@ -65,6 +66,8 @@ class Die(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            if os.environ.get("TEST_RAISE"):
+                raise RuntimeError(f"rank {self.rank} fails on purpose")
             os._exit(3)
 
 
@@ -132,7 +135,14 @@ def main() -> None:
     created_on_meta = all(p.is_meta for p in model.parameters()) if args.empty_init else None
     make_loader = {"TiedLM": models.token_loader, "DictBatch": models.dict_loader}.get(args.model, models.loader)
     val = make_loader(args.batch_size) if args.val else None
-    trainer.fit(model, make_loader(args.batch_size), val, ckpt_path=args.resume)
+    try:
+        trainer.fit(model, make_loader(args.batch_size), val, ckpt_path=args.resume)
+    except RuntimeError:
+        if os.environ.get("TEST_RAISE") and trainer.global_rank == 0:
+            # a caller that catches the error and lives on (a notebook, a test): the other ranks must not wait
+            print("rank 0 caught the error and lives on", flush=True)
+            time.sleep(60)
+        raise
     if args.save_final:
         trainer.save_checkpoint(args.save_final)
     result = {
