@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, clean_env
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import StrategyRegistry
@@ -74,3 +75,18 @@ def test_demo_learns():
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("finished:"))
     val_acc = float(line.split("'val_acc': ")[1].rstrip("}"))
     assert val_acc > 0.5  # five classes: chance is 0.2
+
+
+def test_pytorch_lightning_trains_like_one_device(tmp_path):
+    pytest.importorskip("pytorch_lightning")
+    script = str(REPO / "tests" / "scripts" / "pl_train.py")
+    results = []
+    for strategy, devices in (("1f1b", "2"), ("auto", "1")):
+        out = tmp_path / f"{strategy}.pt"
+        proc = _run(sys.executable, script, strategy, devices, str(out))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results.append(torch.load(out))
+    pipelined, single = results
+    for key, value in single["state_dict"].items():
+        torch.testing.assert_close(pipelined["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+    assert pipelined["loss"] == pytest.approx(single["loss"], rel=1e-5)

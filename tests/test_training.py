@@ -80,11 +80,15 @@ def test_tied_weights_and_dict_batches(tmp_path, reference, model):
 
 
 def test_predict_and_test_through_the_pipeline(tmp_path, reference):
-    ref = reference("--epochs", "1", "--predict")
-    got = train(tmp_path, "pp", "--epochs", "1", "--predict", "--devices", "2")
+    # evaluation batches of 33: the last one (1 sample) is smaller than N = 4 and runs as one micro-batch
+    args = ("--epochs", "1", "--predict", "--val", "--eval-batch-size", "33")
+    ref = reference(*args)
+    got = train(tmp_path, "pp", *args, "--devices", "2")
     assert got["predictions"].shape == (100,)
     assert torch.equal(got["predictions"], ref["predictions"])
     assert got["test"][0]["test_loss"] == pytest.approx(ref["test"][0]["test_loss"], rel=1e-5)
+    assert got["epochs"][0]["val_loss"] == pytest.approx(ref["epochs"][0]["val_loss"], rel=1e-5)
+    assert got["epochs"][0]["val_acc"] == pytest.approx(ref["epochs"][0]["val_acc"], rel=1e-6)
 
 
 def test_configure_model_builds_on_meta(tmp_path):

@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument("--ckpt-dir", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--predict", action="store_true")
+    p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--model", default="StemNetHead")
     p.add_argument("--empty-init", action="store_true")
     p.add_argument("--balance", default=None, help="comma-separated layer counts")
@@ -134,7 +135,7 @@ def main() -> None:
         model = cls(**kwargs)
     created_on_meta = all(p.is_meta for p in model.parameters()) if args.empty_init else None
     make_loader = {"TiedLM": models.token_loader, "DictBatch": models.dict_loader}.get(args.model, models.loader)
-    val = make_loader(args.batch_size) if args.val else None
+    val = make_loader(args.eval_batch_size or args.batch_size) if args.val else None
     try:
         trainer.fit(model, make_loader(args.batch_size), val, ckpt_path=args.resume)
     except RuntimeError:
@@ -152,8 +153,9 @@ def main() -> None:
         "global_step": trainer.global_step,
     }
     if args.predict:
-        result["predictions"] = torch.cat(trainer.predict(model, make_loader(args.batch_size)))
-        result["test"] = trainer.test(model, make_loader(args.batch_size), verbose=False)
+        eval_batch = args.eval_batch_size or args.batch_size
+        result["predictions"] = torch.cat(trainer.predict(model, make_loader(eval_batch)))
+        result["test"] = trainer.test(model, make_loader(eval_batch), verbose=False)
     result["created_on_meta"] = getattr(model, "created_on_meta", created_on_meta)
     if trainer.is_global_zero:
         torch.save(result, args.out)
