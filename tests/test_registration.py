@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,20 +52,22 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240)
 
 
-@pytest.mark.parametrize("config", ["spirals_gpipe.yaml", "spirals_1f1b.yaml"])
-def test_cli_yaml(config):
-    proc = _run(
-        sys.executable,
-        "-m",
-        "lightning_timeprest",
-        "fit",
-        "--config",
-        f"examples/configs/{config}",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-    )
+@pytest.mark.parametrize(
+    "config, launch",
+    [
+        ("spirals_gpipe.yaml", "console script"),  # the installed `lightning-timeprest` entry point
+        ("spirals_1f1b.yaml", "module"),  # python -m lightning_timeprest
+    ],
+)
+def test_cli_yaml(config, launch):
+    script = shutil.which("lightning-timeprest", path=str(Path(sys.executable).parent))
+    if launch == "console script":
+        assert script is not None, "the package's console script is not installed next to this Python"
+        command = [script]
+    else:
+        command = [sys.executable, "-m", "lightning_timeprest"]
+    overrides = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    proc = _run(*command, "fit", "--config", f"examples/configs/{config}", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "All distributed processes registered. Starting with 2 processes" in proc.stdout + proc.stderr
     assert "stage 1: layers" in proc.stdout + proc.stderr
