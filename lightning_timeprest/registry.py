@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 
-from lightning_timeprest.schedules import SCHEDULES
-
 __all__ = ["register"]
 
 
@@ -31,7 +29,3 @@ def register() -> None:
         from lightning_timeprest.pytorch_lightning import TiMePReStStrategy as PLTiMePReStStrategy
 
         PLTiMePReStStrategy.register_strategies(PLStrategyRegistry)
-
-
-def registered_names() -> tuple[str, ...]:
-    return SCHEDULES

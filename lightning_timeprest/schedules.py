@@ -26,6 +26,7 @@ __all__ = [
     "gpipe",
     "one_f_one_b",
     "simulate",
+    "validate",
 ]
 
 
@@ -66,7 +67,6 @@ class Schedule:
     name: str
     num_stages: int
     num_microbatches: int
-    num_minibatches: int
     stage_ops: tuple[tuple[Op, ...], ...]
     synchronous: bool
 
@@ -102,7 +102,7 @@ def gpipe(num_stages: int, num_microbatches: int, minibatch: int = 0) -> Schedul
     fwd = [Op(OpKind.FORWARD, minibatch, j) for j in range(n)]
     bwd = [Op(OpKind.BACKWARD, minibatch, j) for j in reversed(range(n))]
     ops = tuple(tuple(fwd + bwd) for _ in range(num_stages))
-    return _validated(Schedule("gpipe", num_stages, n, 1, ops, synchronous=True))
+    return validate(Schedule("gpipe", num_stages, n, ops, synchronous=True))
 
 
 def one_f_one_b(num_stages: int, num_microbatches: int, minibatch: int = 0) -> Schedule:
@@ -122,7 +122,7 @@ def one_f_one_b(num_stages: int, num_microbatches: int, minibatch: int = 0) -> S
             ops.append(Op(OpKind.BACKWARD, minibatch, i))
         ops.extend(Op(OpKind.BACKWARD, minibatch, j) for j in range(n - warmup, n))
         stage_ops.append(tuple(ops))
-    return _validated(Schedule("1f1b", num_stages, n, 1, tuple(stage_ops), synchronous=True))
+    return validate(Schedule("1f1b", num_stages, n, tuple(stage_ops), synchronous=True))
 
 
 SYNCHRONOUS_SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {"gpipe": gpipe, "1f1b": one_f_one_b}
@@ -189,8 +189,11 @@ def bubble_fraction(schedule: Schedule) -> float:
     return sum(op is None for row in grid for op in row) / slots
 
 
-def _validated(schedule: Schedule) -> Schedule:
-    """Check that every stage runs every op exactly once and that the order can run; return ``schedule``."""
+def validate(schedule: Schedule) -> Schedule:
+    """Check that every stage runs every op exactly once and that the order can run; return ``schedule``.
+
+    Raises :class:`ScheduleError` naming the first problem found.
+    """
     if len(schedule.stage_ops) != schedule.num_stages:
         raise ScheduleError(f"{schedule.name}: {len(schedule.stage_ops)} op lists for {schedule.num_stages} stages")
     for s, ops in enumerate(schedule.stage_ops):

@@ -10,6 +10,7 @@ from lightning_timeprest.schedules import (
     gpipe,
     one_f_one_b,
     simulate,
+    validate,
 )
 
 F, B = OpKind.FORWARD, OpKind.BACKWARD
@@ -53,15 +54,13 @@ def test_build_schedule_names():
 
 
 def test_validation_rejects_deadlock_and_missing_ops():
-    from lightning_timeprest.schedules import _validated
-
     # stage 1 wants the backward before the forward it depends on
-    bad = Schedule("bad", 2, 1, 1, ((Op(F, 0, 0), Op(B, 0, 0)), (Op(B, 0, 0), Op(F, 0, 0))), synchronous=True)
+    bad = Schedule("bad", 2, 1, ((Op(F, 0, 0), Op(B, 0, 0)), (Op(B, 0, 0), Op(F, 0, 0))), synchronous=True)
     with pytest.raises(ScheduleError, match="deadlocks|without its forward"):
-        _validated(bad)
-    missing = Schedule("missing", 2, 2, 1, ((Op(F, 0, 0), Op(B, 0, 0)),) * 2, synchronous=True)
+        validate(bad)
+    missing = Schedule("missing", 2, 2, ((Op(F, 0, 0), Op(B, 0, 0)),) * 2, synchronous=True)
     with pytest.raises(ScheduleError, match="every forward"):
-        _validated(missing)
-    repeated = Schedule("rep", 1, 1, 1, ((Op(F, 0, 0), Op(F, 0, 0), Op(B, 0, 0)),), synchronous=True)
+        validate(missing)
+    repeated = Schedule("rep", 1, 1, ((Op(F, 0, 0), Op(F, 0, 0), Op(B, 0, 0)),), synchronous=True)
     with pytest.raises(ScheduleError, match="repeats"):
-        _validated(repeated)
+        validate(repeated)
