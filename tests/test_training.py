@@ -97,3 +97,16 @@ def test_configure_model_builds_on_meta(tmp_path):
     # the gathered model is complete and usable after fit
     assert all(not v.is_meta for v in got["state_dict"].values())
     assert got["predictions"].shape == (100,)
+
+
+def test_ties_survive_meta_initialisation(tmp_path):
+    """Built under init_module(empty_init=True), each stage materialises its own copies; tied parameters must
+    come out as one tensor again, and replicated copies must agree across stages."""
+    got = train(
+        tmp_path, "pp", "--model", "TiedLM", "--empty-init", "--devices", "2", "--epochs", "1", "--batch-size", "16"
+    )
+    assert got["created_on_meta"] is True
+    sd = got["state_dict"]
+    assert torch.equal(sd["embed.weight"], sd["head.weight"])
+    assert torch.equal(sd["embed.weight"], sd["net.4.weight"])
+    assert torch.equal(sd["net.0.bias"], sd["net.2.bias"])
