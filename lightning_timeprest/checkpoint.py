@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -38,14 +39,6 @@ def canonical_param_names(module: nn.Module, aliases: Mapping[str, str]) -> dict
     return {id(p): aliases[name] for name, p in module.named_parameters(remove_duplicate=False)}
 
 
-def _cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, Mapping):
-        return {k: _cpu(v) for k, v in value.items()}
-    return value
-
-
 def merge_state_dicts(parts: Sequence[Mapping[str, Tensor]], key_order: Sequence[str]) -> dict[str, Tensor]:
     """Merge per-stage state-dict parts; every key of ``key_order`` must be in exactly one part."""
     merged: dict[str, Tensor] = {}
@@ -66,7 +59,10 @@ def named_optimizer_state(optimizer: Optimizer, names: Mapping[int, str]) -> dic
     for group in state_dict["param_groups"]:
         hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         groups.append({**hyper, "params": [index_to_name[i] for i in group["params"]]})
-    state = {index_to_name[i]: _cpu(s) for i, s in state_dict["state"].items()}
+    state = {
+        index_to_name[i]: apply_to_collection(s, Tensor, lambda t: t.detach().cpu())
+        for i, s in state_dict["state"].items()
+    }
     return {"state": state, "param_groups": groups}
 
 

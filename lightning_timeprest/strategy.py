@@ -129,6 +129,12 @@ def _release(module: nn.Module, keep: set[int]) -> None:
                 sub._buffers[name] = torch.empty_like(b, device="meta")
 
 
+def _install(root: nn.Module, name: str, submodule: nn.Module) -> None:
+    """Put ``submodule`` at the dotted path ``name`` of ``root``."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, submodule)
+
+
 def _fill(module: nn.Module, prefix: str, tensors: Mapping[str, Tensor]) -> None:
     """Put back the tensors of a released ``module`` from ``tensors`` (keyed by full name)."""
     for sub_name, sub in module.named_modules(prefix=prefix):
@@ -209,6 +215,7 @@ class PipelineStrategyMixin:
         self._param_order: list[str] = []
         self._aliases: dict[str, str] = {}
         self._replicated: list[Replicated] = []
+        self._replicated_local: list[nn.Parameter | None] = []
         self._new_grads: dict[nn.Parameter, Tensor | None] | None = None
         self._schedules: dict[tuple[str, int], Schedule] = {}
         self._metric_group: Any = None
@@ -277,6 +284,7 @@ class PipelineStrategyMixin:
         self._partition(module)
         self.precision_plugin.convert_module(module)
         self.model_to_device()
+        self._replicated_local = self._replicated_here()
         self._sync_replicated()
         self._metric_groups_before = {}
         for m in module.modules():
@@ -335,8 +343,7 @@ class PipelineStrategyMixin:
             if layer_name not in local:
                 _release(layer, keep=keep)
         stage_module = StageModule(name, [(n, sequential._modules[n]) for n in local])
-        parent_name, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attr, stage_module)
+        _install(module, name, stage_module)
         with _ties_kept(module):
             _materialize_meta_tensors(module, self.root_device)
         if not any(True for _ in module.parameters()):
@@ -366,7 +373,10 @@ class PipelineStrategyMixin:
             )
 
     def _replicated_here(self) -> list[nn.Parameter | None]:
-        """This rank's copy of each replicated parameter (``None`` where its stage does not hold it)."""
+        """This rank's copy of each replicated parameter (``None`` where its stage does not hold it).
+
+        Computed once per setup, after the model is on its device (the parameters do not change after that).
+        """
         module = self.lightning_module
         assert module is not None
         names = ckpt.canonical_param_names(module, self._aliases)
@@ -382,7 +392,7 @@ class PipelineStrategyMixin:
         prefix = self._plan.module_name + "."
         assert self._runtime is not None
         pairs: list[tuple[Tensor | None, int, torch.Size, torch.dtype]] = [
-            (p, r.source, r.shape, r.dtype) for r, p in zip(self._replicated, self._replicated_here(), strict=True)
+            (p, r.source, r.shape, r.dtype) for r, p in zip(self._replicated, self._replicated_local, strict=True)
         ]
         pairs += [(b, 0, b.shape, b.dtype) for n, b in module.named_buffers() if not n.startswith(prefix)]
         with torch.no_grad():
@@ -407,8 +417,7 @@ class PipelineStrategyMixin:
                 merged = {k: v for part in parts for k, v in part.items()}
                 for layer_name, layer in sequential.named_children():
                     _fill(layer, f"{plan.module_name}.{layer_name}", merged)
-        parent_name, _, attr = plan.module_name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attr, sequential)
+        _install(module, plan.module_name, sequential)
         self._plan = self._sequential = self._runtime = None
 
     def on_exception(self, exception: BaseException) -> None:
@@ -495,7 +504,7 @@ class PipelineStrategyMixin:
         if not self._replicated or self.num_stages == 1:
             return
         assert self._groups is not None
-        here = self._replicated_here()
+        here = self._replicated_local
         local = [grads.get(p) if p is not None else None for p in here]
         flat = torch.cat(
             [torch.tensor([g is not None for g in local], dtype=torch.float32)]
