@@ -17,6 +17,9 @@ through CPU memory; with nccl tensors travel from the device directly.
 
 from __future__ import annotations
 
+import pickle
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,6 +99,42 @@ def _unflatten(kind: int, tensors: list[Tensor]) -> Any:
     return tuple(tensors) if kind == _TUPLE else list(tensors)
 
 
+class PostedRecv:
+    """A receive that is already posted, waited on by a helper thread so that the stage can ask, without blocking,
+    whether it has arrived (gloo's ``is_completed()`` never turns true before ``wait()``, and a ``wait`` that
+    times out breaks the connection)."""
+
+    def __init__(self, work: Any, buffer: Tensor, comm: StageComm) -> None:
+        self.buffer = buffer
+        self._comm = comm
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._wait, args=(work,), daemon=True)
+        self._thread.start()
+
+    def _wait(self, work: Any) -> None:
+        try:
+            work.wait(timeout=self._comm.timeout)
+        except BaseException as err:  # reported to the stage by result()
+            self._error = err
+        finally:
+            self._done.set()
+
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, stage: int, what: str) -> Tensor:
+        start = time.perf_counter()
+        self._done.wait()
+        self._comm.wait_seconds += time.perf_counter() - start
+        if self._error is not None:
+            raise PipelineCommError(
+                f"stage {self._comm.stage} (rank {dist.get_rank()}) waited for {what} from stage {stage} and got no "
+                f"answer: {self._error}"
+            ) from self._error
+        return self.buffer
+
+
 @dataclass
 class StageComm:
     """Activation and gradient transfers of one stage with its neighbours."""
@@ -106,6 +145,8 @@ class StageComm:
     timeout: timedelta
     backend: str
     _pending: list[tuple[Any, list[Tensor]]] = field(default_factory=list)
+    #: seconds spent blocked in receives and in waiting for sends (communication wait)
+    wait_seconds: float = 0.0
 
     @property
     def num_stages(self) -> int:
@@ -122,9 +163,14 @@ class StageComm:
         tensor = tensor.detach().to(self._wire_device).contiguous()
         work = dist.isend(tensor, self._rank_of(stage), group=group)
         self._pending.append((work, [tensor]))
+        if len(self._pending) > 64:  # asynchronous schedules never flush: forget sends that completed
+            self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
 
     def _recv(self, tensor: Tensor, stage: int, group: Any, what: str) -> Tensor:
-        work = dist.irecv(tensor, self._rank_of(stage), group=group)
+        return self._wait(dist.irecv(tensor, self._rank_of(stage), group=group), tensor, stage, what)
+
+    def _wait(self, work: Any, tensor: Tensor, stage: int, what: str) -> Tensor:
+        start = time.perf_counter()
         try:
             work.wait(timeout=self.timeout)
         except RuntimeError as err:
@@ -132,18 +178,28 @@ class StageComm:
                 f"stage {self.stage} (rank {dist.get_rank()}) waited for {what} from stage {stage} "
                 f"(rank {self._rank_of(stage)}) and got no answer: {err}"
             ) from err
+        finally:
+            self.wait_seconds += time.perf_counter() - start
         return tensor
 
-    def send_activation(self, value: Any) -> None:
-        """Send a stage output (tensor or tuple/list of tensors) to the next stage."""
+    def send_activation(self, value: Any, tag: int = 0, differentiable: bool | None = None) -> None:
+        """Send a stage output (tensor or tuple/list of tensors) to the next stage, with an integer ``tag``.
+
+        ``differentiable=True`` marks float tensors as needing a gradient back even if they were computed without
+        a graph (a forward that will be recomputed at backward time).
+        """
         kind, tensors = _flatten(value)
         header = [kind, len(tensors)]
         for t in tensors:
-            header += [_DTYPES.index(t.dtype), int(t.requires_grad), t.dim(), *t.shape]
+            grad = t.requires_grad if differentiable is None else differentiable and t.is_floating_point()
+            header += [_DTYPES.index(t.dtype), int(grad), t.dim(), *t.shape]
         if len(header) > _HEADER_LEN:
+            raise PipelineCommError(f"stage output is too complex to send ({len(tensors)} tensors)")
+        if len(header) > _HEADER_LEN - 1:
             raise PipelineCommError(f"stage output is too complex to send ({len(tensors)} tensors)")
         buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
         buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
+        buf[-1] = tag
         group = self.groups.activations
         self._isend(buf, self.stage + 1, group)
         for t in tensors:
@@ -151,8 +207,20 @@ class StageComm:
 
     def recv_activation(self, requires_grad: bool) -> Any:
         """Receive the previous stage's output; float tensors sent with ``requires_grad`` get it here too."""
+        return self.recv_tagged_activation(requires_grad)[0]
+
+    def post_activation_header(self) -> PostedRecv:
+        """Start receiving the next activation's header; ``ready()`` says whether it has arrived."""
+        buf = torch.empty(_HEADER_LEN, dtype=torch.int64)
+        return PostedRecv(dist.irecv(buf, self._rank_of(self.stage - 1), group=self.groups.activations), buf, self)
+
+    def recv_tagged_activation(self, requires_grad: bool, posted: Any = None) -> tuple[Any, int]:
+        """Like :meth:`recv_activation`, and the sender's tag; ``posted`` is a header already being received."""
         group = self.groups.activations
-        header = self._recv(torch.empty(_HEADER_LEN, dtype=torch.int64), self.stage - 1, group, "an activation")
+        if posted is None:
+            header = self._recv(torch.empty(_HEADER_LEN, dtype=torch.int64), self.stage - 1, group, "an activation")
+        else:
+            header = posted.result(self.stage - 1, "an activation")
         values = header.tolist()
         kind, count, pos = values[0], values[1], 2
         tensors = []
@@ -170,7 +238,18 @@ class StageComm:
             if grad and requires_grad:
                 t.requires_grad_(True)
             tensors.append(t)
-        return _unflatten(kind, tensors)
+        return _unflatten(kind, tensors), values[-1]
+
+    def send_ticket(self, value: int) -> None:
+        """Announce a backward to the previous stage (dynamic mode: lets it see the gradients are coming)."""
+        self._isend(torch.tensor([value], dtype=torch.int64), self.stage - 1, self.groups.gradients)
+
+    def post_ticket(self) -> PostedRecv:
+        buf = torch.empty(1, dtype=torch.int64)
+        return PostedRecv(dist.irecv(buf, self._rank_of(self.stage + 1), group=self.groups.gradients), buf, self)
+
+    def wait_ticket(self, posted: PostedRecv) -> int:
+        return int(posted.result(self.stage + 1, "a backward announcement").item())
 
     def send_gradients(self, inputs: Any) -> None:
         """Send to the previous stage the gradients of the inputs that arrived with ``requires_grad``."""
@@ -195,11 +274,29 @@ class StageComm:
     def wait_sends(self) -> None:
         """Block until every posted send has completed (its buffer can then be freed)."""
         pending, self._pending = self._pending, []
+        start = time.perf_counter()
         for work, _ in pending:
             try:
                 work.wait(timeout=self.timeout)
             except RuntimeError as err:
                 raise PipelineCommError(f"stage {self.stage}: a send to a neighbour did not complete: {err}") from err
+        self.wait_seconds += time.perf_counter() - start
+
+    def isend_object(self, obj: Any, dst_stage: int) -> None:
+        """Send a picklable object without waiting for the receiver (control group; pair with recv_object_from)."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        with self._control(f"sending to stage {dst_stage}"):
+            for t in (torch.tensor([data.numel()], dtype=torch.int64), data):
+                work = dist.isend(t, self._rank_of(dst_stage), group=self.groups.control)
+                self._pending.append((work, [t]))
+
+    def recv_object_from(self, src_stage: int) -> Any:
+        """Receive an object sent with :meth:`isend_object`, waiting at most ``timeout``."""
+        size = self._recv(torch.empty(1, dtype=torch.int64), src_stage, self.groups.control, "step results")
+        data = self._recv(
+            torch.empty(int(size.item()), dtype=torch.uint8), src_stage, self.groups.control, "step results"
+        )
+        return pickle.loads(data.numpy().tobytes())
 
     # -- control plane: small Python objects and replicated tensors over the gloo control group -------------
 

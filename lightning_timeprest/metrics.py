@@ -26,7 +26,15 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["LogCapture", "LoggedValue", "metric_states", "metric_step_scope", "reduce_logged", "replay"]
+__all__ = [
+    "LogCapture",
+    "LoggedValue",
+    "metric_states",
+    "metric_step_scope",
+    "reduce_logged",
+    "replay",
+    "restore_states",
+]
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
@@ -136,8 +144,8 @@ def metric_states(module: LightningModule, logged: Sequence[LoggedValue]) -> dic
     return states
 
 
-def replay(module: LightningModule, logged: Sequence[LoggedValue], states: dict[str, dict[str, Any]]) -> None:
-    """Log the reduced values with Lightning's own ``self.log`` on this rank (outside any capture)."""
+def restore_states(module: LightningModule, states: dict[str, dict[str, Any]]) -> None:
+    """Set the ``Metric`` states saved by :func:`metric_states`."""
     device = module.device
     for path, saved in states.items():
         metric = module.get_submodule(path)
@@ -146,6 +154,12 @@ def replay(module: LightningModule, logged: Sequence[LoggedValue], states: dict[
         metric._update_count = saved["_update_count"]
         metric._forward_cache = apply_to_collection(saved["_forward_cache"], Tensor, lambda t: t.to(device))
         metric._computed = None
+
+
+def replay(module: LightningModule, logged: Sequence[LoggedValue], states: dict[str, dict[str, Any]]) -> None:
+    """Log the reduced values with Lightning's own ``self.log`` on this rank (outside any capture)."""
+    device = module.device
+    restore_states(module, states)
     for item in logged:
         if item.metric_path is not None:
             module.log(item.name, module.get_submodule(item.metric_path), **item.kwargs)

@@ -13,6 +13,7 @@ part of the schedule; the gradients it produced are set aside until Lightning's 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -39,6 +40,7 @@ from torchmetrics import Metric
 
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import metrics
+from lightning_timeprest.async_runtime import AsyncRuntime, StepStats
 from lightning_timeprest.comm import PipelineGroups, StageComm, destroy_pipeline_groups, new_pipeline_groups
 from lightning_timeprest.microbatch import batch_size, join, split
 from lightning_timeprest.partition import (
@@ -51,7 +53,14 @@ from lightning_timeprest.partition import (
     replicated_parameters,
 )
 from lightning_timeprest.runtime import PipelineRuntime, StageModule
-from lightning_timeprest.schedules import SCHEDULES, Schedule, build_schedule
+from lightning_timeprest.schedules import (
+    ASYNCHRONOUS_SCHEDULES,
+    SCHEDULES,
+    Schedule,
+    build_schedule,
+    version_difference,
+)
+from lightning_timeprest.versions import POLICIES, significance_function
 
 __all__ = ["PipelineConfigError", "PipelineStrategyMixin", "TiMePReStStrategy"]
 
@@ -154,14 +163,27 @@ class PipelineStrategyMixin:
     Use :class:`TiMePReStStrategy`; the mixin exists so that the ``pytorch_lightning`` twin shares every line.
 
     Args:
-        schedule: ``"gpipe"`` (all forwards, then all backwards) or ``"1f1b"`` (PipeDream-Flush: fewer
-            activations held). Both are synchronous: the result equals single-device training.
-        num_microbatches: N, the micro-batches each batch is split into along dim 0 (default: 2 x stages).
+        schedule: synchronous ``"gpipe"`` (all forwards, then all backwards) or ``"1f1b"`` (PipeDream-Flush:
+            fewer activations held), whose result equals single-device training; or an asynchronous policy with
+            several mini-batches in flight: ``"timeprest_v"`` (V-TiMePReSt: live weights, no stash),
+            ``"timeprest"`` (vertical sync), ``"timeprest_i"`` (I-TiMePReSt: backward on an intermediate weight)
+            or ``"pipedream"`` (weight stashing, N = 1).
+        num_microbatches: N, the micro-batches each batch is split into along dim 0 (default: 2 x stages for the
+            synchronous schedules, ``max(2, stages - 1)`` for nF1B so that ``W <= N + 1``, 1 for pipedream).
         balance: layers per stage (a list summing to the pipelined module's length), or ``"parameters"`` to
             balance the parameter count.
         module_name: the ``nn.Sequential`` attribute to pipeline (dotted path); by default the one with the most
             parameters.
         p2p_timeout: seconds a stage waits for a neighbour's activation or gradient before failing.
+        significance: I-TiMePReSt's ``alpha(d)``: ``"exp"`` (``exp(-decay_lambda d)``), ``"inverse"``
+            (``1 / (1 + d)``), ``"power"`` (``power_beta ** d``) or a callable ``d -> alpha``.
+        decay_lambda: lambda of ``"exp"``.
+        power_beta: beta of ``"power"``.
+        backward_rule: how an asynchronous backward reads weights that differ from its forward's: ``"graph"``
+            (keep the forward graph, its saved weights read the backward weights) or ``"recompute"`` (rerun the
+            stage forward with the backward weights).
+        dynamic: asynchronous policies only: order ops by what has actually arrived (backward priority) instead
+            of replaying the static schedule; the versions each op used are recorded.
         The remaining arguments are those of Lightning's ``DDPStrategy``.
     """
 
@@ -172,6 +194,11 @@ class PipelineStrategyMixin:
         balance: list[int] | str = "parameters",
         module_name: str | None = None,
         p2p_timeout: float = 600.0,
+        significance: str | Callable[[int], float] = "exp",
+        decay_lambda: float = 1.0,
+        power_beta: float = 0.5,
+        backward_rule: str = "graph",
+        dynamic: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -202,6 +229,22 @@ class PipelineStrategyMixin:
             raise PipelineConfigError(f"balance must list a positive layer count per stage, got {balance!r}")
         if p2p_timeout <= 0:
             raise PipelineConfigError(f"p2p_timeout must be positive, got {p2p_timeout}")
+        if backward_rule not in ("graph", "recompute"):
+            raise PipelineConfigError(f"unknown backward_rule {backward_rule!r}; choose 'graph' or 'recompute'")
+        if schedule == "pipedream" and num_microbatches not in (None, 1):
+            raise PipelineConfigError(
+                "pipedream treats every mini-batch as one unit (N = 1); remove num_microbatches, or use an nF1B "
+                "policy (timeprest_v, timeprest, timeprest_i) to split mini-batches into micro-batches"
+            )
+        if dynamic and schedule not in ASYNCHRONOUS_SCHEDULES:
+            raise PipelineConfigError(f"dynamic=True applies to the asynchronous schedules only, not {schedule!r}")
+        try:
+            self.alpha = significance_function(significance, decay_lambda, power_beta)
+        except ValueError as err:
+            raise PipelineConfigError(str(err)) from None
+        self.significance = significance
+        self.backward_rule = backward_rule
+        self.dynamic = bool(dynamic)
         self.schedule_name = schedule
         self._num_microbatches = None if num_microbatches is None else int(num_microbatches)
         self.balance = balance
@@ -222,6 +265,15 @@ class PipelineStrategyMixin:
         self._metric_groups_before: dict[Metric, Any] = {}
         self._final_optimizer_states: dict[int, dict[str, Any]] = {}
         self._failed = False
+        self._engine: AsyncRuntime | None = None
+        self._payloads: dict[int, Any] = {}  # last stage: what each finished mini-batch logged, for every stage
+        self._reported = -1  # the newest mini-batch whose results this rank has replayed (per stream)
+        self._stats_received: dict[int, int] = {}
+        self._stats_sent = 0
+        self._queued: list[Callable[[], None]] = []  # logging owed by drains that ran outside a training step
+        self._last_loss = torch.tensor(float("nan"))
+        self._step_clock = time.perf_counter()
+        self._owners: list[int] = []
 
     # -- topology -------------------------------------------------------------------------------------------
 
@@ -238,8 +290,18 @@ class PipelineStrategyMixin:
         return self.num_stages - 1
 
     @property
+    def is_asynchronous(self) -> bool:
+        return self.schedule_name in ASYNCHRONOUS_SCHEDULES
+
+    @property
     def num_microbatches(self) -> int:
-        return self._num_microbatches if self._num_microbatches is not None else 2 * self.num_stages
+        if self._num_microbatches is not None:
+            return self._num_microbatches
+        if self.schedule_name == "pipedream":
+            return 1
+        if self.is_asynchronous:
+            return max(2, self.num_stages - 1)
+        return 2 * self.num_stages
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -297,6 +359,9 @@ class PipelineStrategyMixin:
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
         self._failed = False
+        self._engine = None
+        if fitting and self.is_asynchronous:
+            self._start_engine(module)
 
     def setup_optimizers(self, trainer: Any) -> None:
         try:
@@ -327,6 +392,60 @@ class PipelineStrategyMixin:
                 "gradient_clip_val is not supported yet by pipeline strategies (clipping must see all stages' "
                 "gradients); remove gradient_clip_val"
             )
+
+    def _check_asynchronous(self, trainer: Any) -> None:
+        w, n = self.num_stages, self.num_microbatches
+        if trainer.accumulate_grad_batches != 1:
+            raise PipelineConfigError(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} does not apply to {self.schedule_name!r}: "
+                "an asynchronous policy steps every stage once per mini-batch inside the pipeline; remove it (or use "
+                "a larger batch)"
+            )
+        if self.schedule_name == "timeprest_v" and version_difference(w, n) > 1:
+            smallest = next(k for k in range(1, w + 1) if version_difference(w, k) == 1)
+            raise PipelineConfigError(
+                f"timeprest_v is staleness-free only when the version difference v is 1, i.e. W <= N + 1; with "
+                f"W={w} stages and N={n} micro-batches v={version_difference(w, n)}. Use num_microbatches >= "
+                f"{smallest}, fewer stages, or schedule='timeprest_i'"
+            )
+        tied = (
+            [r.name for r in self._replicated if r.name.startswith(self._plan.module_name + ".")] if self._plan else []
+        )
+        if tied:
+            raise PipelineConfigError(
+                f"parameters {tied[:3]} are tied across pipeline stages; the asynchronous policies update each stage "
+                "at its own time and cannot keep such copies equal. Choose a balance that puts the tied layers on one "
+                "stage, or use schedule='gpipe' or '1f1b'"
+            )
+
+    def _start_engine(self, module: Any) -> None:
+        assert self._runtime is not None and self._plan is not None
+        self._check_asynchronous(module.trainer)
+        self._engine = AsyncRuntime(
+            stage=self.stage,
+            num_stages=self.num_stages,
+            stage_module=self._runtime.module,
+            root=module,
+            comm=self._runtime.comm,
+            optimizer=self.optimizers[0],
+            schedule=self.schedule_name,
+            num_microbatches=self.num_microbatches,
+            policy=POLICIES[self.schedule_name],
+            alpha=self.alpha,
+            rule=self.backward_rule,  # type: ignore[arg-type]
+            dynamic=self.dynamic,
+            loss_of=_loss_of,
+        )
+        self._version_difference = (
+            version_difference(self.num_stages, self.num_microbatches) if self.schedule_name != "pipedream" else 0
+        )
+        self._payloads, self._reported, self._queued = {}, -1, []
+        self._stats_received = dict.fromkeys(range(1, self.num_stages), 0)
+        self._stats_sent = 0
+        self._step_clock = time.perf_counter()
+        store_index = {id(p): i for i, p in enumerate(self._engine.store.params)}
+        self._replicated_index = [store_index.get(id(p)) if p is not None else None for p in self._replicated_local]
+        self._owners = [r.source for r in self._replicated]
 
     def _partition(self, module: nn.Module) -> None:
         name, sequential = find_pipelined_module(module, self.module_name)
@@ -426,6 +545,7 @@ class PipelineStrategyMixin:
 
     def teardown(self) -> None:
         if not self._failed and self._runtime is not None:
+            self._drain()
             self._final_optimizer_states = {id(o): self.optimizer_state(o) for o in self.optimizers}
         self._unpartition(gather=not self._failed)
         for metric, group in self._metric_groups_before.items():
@@ -462,15 +582,25 @@ class PipelineStrategyMixin:
         runtime = self._runtime
         assert runtime is not None
         if runtime.is_first and not runtime.is_last:
-            runtime.comm.send_object(move_data_to_device(batch, "cpu"), self.last_stage)
+            if self._engine is not None:  # never wait for the last stage: it is behind
+                runtime.comm.isend_object(move_data_to_device(batch, "cpu"), self.last_stage)
+            else:
+                runtime.comm.send_object(move_data_to_device(batch, "cpu"), self.last_stage)
         elif runtime.is_last and not runtime.is_first:
-            batch = move_data_to_device(runtime.comm.recv_object(0), self.root_device)
+            received = runtime.comm.recv_object_from(0) if self._engine is not None else runtime.comm.recv_object(0)
+            batch = move_data_to_device(received, self.root_device)
         return batch
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Run one mini-batch forward and backward through the pipeline; return its loss on every rank."""
+        """Run one mini-batch forward and backward through the pipeline; return its loss on every rank.
+
+        Asynchronous policies return the loss of the most recent mini-batch that completed on every stage (it
+        lags the mini-batch just taken in by a few steps; NaN before the first one completes).
+        """
         module = self.lightning_module
         assert module is not None
+        if self._engine is not None:
+            return self._async_step(args, kwargs)
         # Lightning calls zero_grad between this step and backward(): keep this step's gradients aside until then
         params = list(module.parameters())
         earlier = [p.grad for p in params]
@@ -487,6 +617,8 @@ class PipelineStrategyMixin:
         module = self.lightning_module
         assert module is not None
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        if self._engine is not None:  # the pipeline already back-propagated and stepped inside training_step
+            return self.precision_plugin.post_backward(closure_loss, module)
         new = self._new_grads or {}
         self._new_grads = None
         self._sum_shared_gradients(new)
@@ -521,6 +653,208 @@ class PipelineStrategyMixin:
             if p is not None and flat[i] > 0:
                 grads[p] = flat[offset : offset + n].view(r.shape).to(device=p.device, dtype=p.dtype)
             offset += n
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        if self._engine is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        # asynchronous: each stage stepped its optimizer inside the pipeline, once per finished mini-batch
+        return closure()
+
+    # -- the asynchronous engine ----------------------------------------------------------------------------
+
+    def _async_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        module, runtime, engine = self.lightning_module, self._runtime, self._engine
+        assert module is not None and runtime is not None and engine is not None
+        for owed in self._queued:
+            owed()
+        self._queued = []
+        trainer = module.trainer
+        batch, rest = self._stage0_batch(args[0]), args[1:]
+        microbatches, sizes = split(batch, self.num_microbatches)
+        total = sum(sizes)
+        weights = [size / total for size in sizes]
+        capture = metrics.LogCapture(module)
+
+        def call_user(j: int) -> Any:
+            with capture.microbatch():
+                return module.training_step(microbatches[j], *rest, **kwargs)
+
+        k = engine.newest + 1
+        scope = metrics.metric_step_scope(module) if runtime.is_last else nullcontext()
+        with self.precision_plugin.train_step_context(), scope:
+            engine.run_step(call_user if runtime.runs_user_code else None, sizes, weights)
+        if runtime.is_last:
+            outputs = engine.finished.pop(k)
+            losses = torch.stack([_loss_of(o).detach().double().cpu() for o in outputs])
+            loss = ((losses * torch.tensor(sizes, dtype=torch.float64)).sum() / total).float()
+            logged = metrics.reduce_logged(module, capture.calls[-len(sizes) :], sizes)
+            payload = (loss, logged, metrics.metric_states(module, logged), self._stats_record())
+            self._payloads[k] = payload
+            for s in range(self.num_stages - 1):
+                runtime.comm.isend_object(payload, s)
+        elif not runtime.is_first:
+            runtime.comm.isend_object(self._stats_record(), 0)
+        else:
+            self._log_stats(0, self._stats_record())
+        self._stats_sent += 1
+        final = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
+            trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps
+        )
+        if final:
+            self._drain(in_step=True)
+        else:
+            self._report(engine.completed_on_stage0, in_step=True)
+        return self._last_loss.to(self.root_device)
+
+    def _stats_record(self) -> Tensor:
+        engine = self._engine
+        assert engine is not None and self._runtime is not None
+        now = time.perf_counter()
+        stats, engine.stats = engine.stats, StepStats()
+        stats.wait_s = self._runtime.comm.wait_seconds
+        self._runtime.comm.wait_seconds = 0.0
+        record = stats.as_tensor(now - self._step_clock)
+        self._step_clock = now
+        return record
+
+    def _report(self, completed: int, in_step: bool) -> None:
+        """Replay what the mini-batches up to ``completed`` logged, and (rank 0) the stage statistics owed."""
+        runtime = self._runtime
+        assert runtime is not None
+        for m in range(self._reported + 1, completed + 1):
+            if runtime.is_last:
+                payload = self._payloads.pop(m)
+            else:
+                payload = runtime.comm.recv_object_from(self.last_stage)
+            loss, logged, states, last_stats = payload
+            self._last_loss = loss
+            self._replay(logged, states, in_step)
+            if runtime.is_first and not runtime.is_last:
+                self._log_stats(self.last_stage, last_stats, in_step)
+        self._reported = max(self._reported, completed)
+        if runtime.is_first:
+            # middle stages' records of the steps before ``completed`` were sent before that mini-batch's
+            # backward reached stage 0, so receiving them never waits on the pipeline
+            for s in range(1, self.num_stages - 1):
+                while self._stats_received[s] < min(completed, self._stats_sent):
+                    self._log_stats(s, runtime.comm.recv_object_from(s), in_step)
+                    self._stats_received[s] += 1
+
+    def _replay(self, logged: Any, states: Any, in_step: bool) -> None:
+        module, runtime = self.lightning_module, self._runtime
+        assert module is not None and runtime is not None
+
+        def replay() -> None:
+            if runtime.is_last:  # keep the running metric state of the mini-batches after this one
+                current = metrics.metric_states(module, logged)
+                metrics.replay(module, logged, states)
+                metrics.restore_states(module, current)
+            else:
+                metrics.replay(module, logged, states)
+
+        if in_step:
+            replay()
+        else:
+            self._queued.append(replay)
+
+    def _log_stats(self, stage: int, record: Tensor, in_step: bool = True) -> None:
+        """Rank 0 logs one stage's record of one step under ``pipeline/stage{stage}/...``."""
+        module = self.lightning_module
+        assert module is not None
+        d_sum, d_count, d_max, versions, nbytes, busy, wait, wall, samples = record.tolist()
+        prefix = f"pipeline/stage{stage}/"
+        values: list[tuple[str, float, str, int]] = [
+            (prefix + "versions_held", versions, "max", 1),
+            (prefix + "weight_bytes", nbytes, "max", 1),
+            (prefix + "idle_fraction", max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0, "mean", 1),
+            (prefix + "samples_per_sec", samples / wall if wall > 0 else 0.0, "mean", 1),
+            (prefix + "comm_wait_s", wait, "sum", 1),
+        ]
+        if d_count > 0:
+            values += [(prefix + "staleness_mean", d_sum / d_count, "mean", int(d_count))]
+            values += [(prefix + "staleness_max", d_max, "max", 1)]
+        if stage == 0:
+            values.append(("pipeline/v", float(self._version_difference), "max", 1))
+
+        def log() -> None:
+            for name, value, reduce_fx, size in values:
+                module.log(
+                    name,
+                    torch.tensor(value, dtype=torch.float32, device=module.device),
+                    on_step=True,
+                    on_epoch=True,
+                    reduce_fx=reduce_fx,
+                    batch_size=size,
+                    rank_zero_only=True,
+                )
+
+        if in_step:
+            log()
+        else:
+            self._queued.append(log)
+
+    def _drain(self, in_step: bool = False) -> None:
+        """Finish every mini-batch in flight on every stage (a collective: all ranks call it at the same point)."""
+        engine, runtime = self._engine, self._runtime
+        if engine is None or runtime is None or engine.newest < 0:
+            return
+        newest = engine.newest
+        module = self.lightning_module
+        assert module is not None
+        with self.precision_plugin.train_step_context():
+            engine.drain()
+        record = self._stats_record()
+        if runtime.is_first:
+            self._log_stats(0, record, in_step)
+        elif not runtime.is_last:
+            runtime.comm.isend_object(record, 0)
+        self._stats_sent += 1 if not runtime.is_last else 0
+        self._report(newest, in_step)
+        if runtime.is_first:
+            for s in range(1, self.num_stages - 1):
+                while self._stats_received[s] < self._stats_sent:
+                    self._log_stats(s, runtime.comm.recv_object_from(s), in_step)
+                    self._stats_received[s] += 1
+        runtime.comm.wait_sends()
+        self._payloads, self._reported = {}, -1
+        self._stats_received = dict.fromkeys(range(1, self.num_stages), 0)
+        self._stats_sent = 0
+        self._sync_replicated_after_async()
+
+    def _sync_replicated_after_async(self) -> None:
+        """Copy each replicated parameter from the stage that trained it to every stage that holds it."""
+        engine, runtime = self._engine, self._runtime
+        if not self._replicated or engine is None or runtime is None or self.num_stages == 1:
+            return
+        flags = torch.zeros(len(self._replicated), self.num_stages)
+        for i, index in enumerate(self._replicated_index):
+            if index is not None and index in engine.trained:
+                flags[i, self.stage] = 1.0
+        runtime.comm.all_reduce_sum(flags)
+        for i, r in enumerate(self._replicated):
+            trainers = [s for s in range(self.num_stages) if flags[i, s] > 0]
+            if len(trainers) > 1:
+                raise PipelineConfigError(
+                    f"parameter {r.name!r} received gradients on stages {trainers}; an asynchronous policy updates "
+                    "each stage at its own time, so a parameter used on several stages (e.g. an embedding tied to the "
+                    "output layer) cannot stay consistent. Untie it, or use schedule='gpipe' or '1f1b'"
+                )
+            if trainers:
+                self._owners[i] = trainers[0]
+        with torch.no_grad():
+            for r, p, owner in zip(self._replicated, self._replicated_local, self._owners, strict=True):
+                wire = p.detach().cpu() if p is not None else torch.empty(r.shape, dtype=r.dtype)
+                runtime.comm.broadcast_tensor(wire, owner)
+                if p is not None:
+                    p.copy_(wire)
+
+    def on_validation_start(self) -> None:
+        self._drain()
+        super().on_validation_start()
+
+    def on_train_end(self) -> None:
+        self._drain()
+        super().on_train_end()
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         self._pipelined_step("validation_step", self.precision_plugin.val_step_context, args, kwargs, False)
@@ -595,6 +929,7 @@ class PipelineStrategyMixin:
         """The full model's state dict on rank 0 (gathered from all stages), empty on the other ranks."""
         if self._runtime is None:
             return super().lightning_module_state_dict()
+        self._drain()
         parts = self._runtime.comm.gather_objects(self._own_state())
         return ckpt.merge_state_dicts(parts, self._state_keys) if parts is not None else {}
 
@@ -609,8 +944,14 @@ class PipelineStrategyMixin:
         if runtime is None:
             return self._final_optimizer_states.get(id(optimizer), {})
         assert module is not None
+        self._drain()
         names = ckpt.canonical_param_names(module, self._aliases)
-        parts = runtime.comm.gather_objects(ckpt.named_optimizer_state(optimizer, names))
+        named = ckpt.named_optimizer_state(optimizer, names)
+        if self._engine is not None:  # a replicated parameter's state is that of the stage that trains it
+            for r, owner in zip(self._replicated, self._owners, strict=True):
+                if owner != self.stage:
+                    named["state"].pop(r.name, None)
+        parts = runtime.comm.gather_objects(named)
         return ckpt.consolidate_optimizer_states(parts, self._param_order) if parts is not None else {}
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

@@ -24,6 +24,11 @@ from lightning_timeprest import PipelineConfigError, TiMePReStStrategy
         ({"balance": "flops"}, "unknown balance 'flops'"),
         ({"balance": [2, 0]}, "balance must list a positive layer count per stage"),
         ({"p2p_timeout": 0}, "p2p_timeout must be positive"),
+        ({"schedule": "pipedream", "num_microbatches": 2}, r"pipedream treats every mini-batch as one unit \(N = 1\)"),
+        ({"schedule": "timeprest_i", "backward_rule": "guess"}, "unknown backward_rule 'guess'"),
+        ({"schedule": "gpipe", "dynamic": True}, "dynamic=True applies to the asynchronous schedules only"),
+        ({"schedule": "timeprest_i", "significance": "linear"}, "unknown significance 'linear'"),
+        ({"schedule": "timeprest_i", "significance": "power", "power_beta": 2.0}, r"power_beta must be in \[0, 1\]"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, message):
@@ -31,12 +36,12 @@ def test_constructor_rejects_bad_arguments(kwargs, message):
         TiMePReStStrategy(**kwargs)
 
 
-def _fit_one_process(model, batch_size: int = 18, **trainer_kwargs):
+def _fit_one_process(model, batch_size: int = 18, schedule: str = "gpipe", **trainer_kwargs):
     """A one-stage pipeline in this process: enough to reach every check made at setup or in a step."""
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
-        strategy=TiMePReStStrategy(num_microbatches=4),
+        strategy=TiMePReStStrategy(schedule=schedule, num_microbatches=4),
         max_steps=2,
         logger=False,
         enable_checkpointing=False,
@@ -105,3 +110,26 @@ def test_a_failing_stage_ends_every_rank(tmp_path, rank, how):
     assert "another stage of the pipeline crashed, was killed or stopped answering" in proc.stderr or (
         "and got no answer" in proc.stderr
     )
+
+
+def test_asynchronous_policies_refuse_gradient_accumulation():
+    with pytest.raises(PipelineConfigError, match="accumulate_grad_batches=2 does not apply to 'timeprest_i'"):
+        _fit_one_process(StemNetHead(), schedule="timeprest_i", accumulate_grad_batches=2)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # W = 4 > N + 1 = 3: V-TiMePReSt would not be staleness-free
+        (("--schedule", "timeprest_v", "--n", "2", "--devices", "4"), "Use num_microbatches >= 3"),
+        # the embedding is tied to a layer on another stage
+        (
+            ("--schedule", "timeprest_i", "--n", "2", "--devices", "2", "--model", "TiedLM"),
+            "tied across pipeline stages",
+        ),
+    ],
+)
+def test_asynchronous_setups_fail_at_start(tmp_path, args, message):
+    proc = run_script(tmp_path, *args, "--epochs", "1", "--out", str(tmp_path / "x.pt"), check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "PipelineConfigError" in proc.stderr and message in proc.stderr

@@ -5,12 +5,18 @@ from lightning_timeprest.schedules import (
     OpKind,
     Schedule,
     ScheduleError,
+    StreamPlan,
     bubble_fraction,
     build_schedule,
     gpipe,
+    nf1b,
     one_f_one_b,
+    pipedream_1f1b,
+    render_grid,
     simulate,
+    staleness,
     validate,
+    version_difference,
 )
 
 F, B = OpKind.FORWARD, OpKind.BACKWARD
@@ -64,3 +70,69 @@ def test_validation_rejects_deadlock_and_missing_ops():
     repeated = Schedule("rep", 1, 1, ((Op(F, 0, 0), Op(F, 0, 0), Op(B, 0, 0)),), synchronous=True)
     with pytest.raises(ScheduleError, match="repeats"):
         validate(repeated)
+
+
+# -- asynchronous schedules --------------------------------------------------------------------------------
+
+SPEC_GRID = """\
+S1: 1A 1B 2A 2B 3A 3B 1  4A 4B 2  5A 5B 3  6A 6B 4  7A 7B
+S2: .  1A 1B 2A 2B 1  3A 3B 2  4A 4B 3  5A 5B 4  6A 6B 5
+S3: .  .  1A 1B 1  2A 2B 2  3A 3B 3  4A 4B 4  5A 5B 5  6A"""
+
+
+def test_render_grid_reproduces_spec():
+    assert render_grid(3, 2, 7) == SPEC_GRID
+    drained = render_grid(3, 2, 7, drain=True).splitlines()
+    # drained to the end: every stage runs all 7 backwards, stage 0 last
+    assert drained[0].split()[-1] == "7" and all(line.split().count("7") == 1 for line in drained)
+
+
+@pytest.mark.parametrize("w", [2, 3, 4, 5])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_nf1b_is_valid_and_streams_as_the_finite_schedule(w, n):
+    m = 9
+    finite = nf1b(w, n, m)  # validate() ran: every op once, every dependency respected
+    for s in range(w):
+        assert sum(op.kind is OpKind.BACKWARD for op in finite.ops(s)) == m
+        assert all(op.microbatch is None for op in finite.ops(s) if op.kind is OpKind.BACKWARD)
+        plan = StreamPlan("timeprest_i", w, n, track=[s])
+        ops = [op for k in range(m) for op in plan.step_ops(s, k)] + plan.drain_ops(s, m - 1)
+        assert tuple(ops) == finite.ops(s)
+        # the last stage's backward follows its forwards at once: d = 0 there
+    assert set(staleness(finite)[w - 1]) == {0}
+
+
+@pytest.mark.parametrize("w", [2, 3, 4, 5])
+def test_pipedream_caps_in_flight_at_w_minus_s(w):
+    schedule = pipedream_1f1b(w, 12)
+    for s in range(w):
+        in_flight = peak = 0
+        for op in schedule.ops(s):
+            in_flight += 1 if op.kind is OpKind.FORWARD else -1
+            peak = max(peak, in_flight)
+        assert peak == w - s
+    assert build_schedule("pipedream", w, 1, 12) == schedule
+    # weight stashing: stage s keeps at most W - s versions (its forwards in flight)
+    assert max(staleness(schedule)[0]) <= w - 1
+
+
+def test_version_difference_by_simulation():
+    for w in range(2, 8):
+        for n in range(1, 7):
+            v = version_difference(w, n)
+            assert (v == 1) == (w <= n + 1), (w, n, v)
+            assert v == (w + n - 2) // n, (w, n, v)  # the paper's formula, on the range we checked
+
+
+def test_asynchronous_validation_rejects_bad_orders():
+    good = nf1b(2, 1, 2)
+    ops = good.ops(0)
+    backward_first = (ops[-2], *[op for op in ops if op != ops[-2]])  # a backward before its forwards
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        validate(Schedule("x", 2, 1, (backward_first, good.ops(1)), synchronous=False))
+    swapped = (*ops[:-2], ops[-1], ops[-2])  # backwards out of mini-batch order
+    with pytest.raises(ScheduleError):
+        validate(Schedule("x", 2, 1, (swapped, good.ops(1)), synchronous=False))
+    twice = (*good.ops(1), good.ops(1)[-1])
+    with pytest.raises(ScheduleError, match="repeats"):
+        validate(Schedule("x", 2, 1, (good.ops(0), twice), synchronous=False))

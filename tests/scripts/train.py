@@ -29,17 +29,21 @@ class Record(Callback):
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
         self.epochs: list[dict[str, float]] = []
+        self.pipeline: list[dict[str, float]] = []
+        self.trace: list | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         m = trainer.callback_metrics
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        nan = torch.tensor(float("nan"))
         self.steps.append(
             {
-                "train_loss_step": float(m.get("train_loss_step", m["train_loss"])),
+                # (asynchronous policies log a mini-batch once it has completed: nothing in the first steps)
+                "train_loss_step": float(m.get("train_loss_step", m.get("train_loss", nan))),
                 "returned": float(loss),
                 # what loggers and the progress bar receive
                 "logged": float(
-                    trainer.logged_metrics.get("train_loss_step", trainer.logged_metrics.get("train_loss"))
+                    trainer.logged_metrics.get("train_loss_step", trainer.logged_metrics.get("train_loss", nan))
                 ),
                 "progress_bar": float(trainer.progress_bar_metrics["train_loss_step"])
                 if "train_loss_step" in trainer.progress_bar_metrics
@@ -56,6 +60,22 @@ class Record(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        self.pipeline.append({k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("pipeline/")})
+
+    def on_train_end(self, trainer, pl_module):
+        engine = getattr(trainer.strategy, "_engine", None)
+        if engine is not None:
+            self.trace = [
+                [(e.op.kind.value, e.op.minibatch, e.op.microbatch, e.version) for e in t] for t in engine.trace
+            ]
+
+
+def constant_one(d: int) -> float:
+    return 1.0
+
+
+def constant_zero(d: int) -> float:
+    return 0.0
 
 
 class Die(Callback):
@@ -93,6 +113,9 @@ def main() -> None:
     p.add_argument("--die-rank", type=int, default=-1)
     p.add_argument("--die-step", type=int, default=-1)
     p.add_argument("--save-final", default=None, help="trainer.save_checkpoint(PATH) after fit")
+    p.add_argument("--significance", default="exp", help="exp|inverse|power|one|zero")
+    p.add_argument("--rule", default="graph")
+    p.add_argument("--dynamic", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -105,8 +128,15 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1))
     if args.devices > 0:
         balance = [int(b) for b in args.balance.split(",")] if args.balance else "parameters"
+        significance = {"one": constant_one, "zero": constant_zero}.get(args.significance, args.significance)
         strategy = TiMePReStStrategy(
-            schedule=args.schedule, num_microbatches=args.n, start_method=args.start_method, balance=balance
+            schedule=args.schedule,
+            num_microbatches=None if args.n == 0 else args.n,
+            start_method=args.start_method,
+            balance=balance,
+            significance=significance,
+            backward_rule=args.rule,
+            dynamic=args.dynamic,
         )
         kw = {"strategy": strategy, "devices": args.devices}
     else:
@@ -151,6 +181,7 @@ def main() -> None:
         "steps": record.steps,
         "epochs": record.epochs,
         "global_step": trainer.global_step,
+        "pipeline": record.pipeline,
     }
     if args.predict:
         eval_batch = args.eval_batch_size or args.batch_size
@@ -161,6 +192,8 @@ def main() -> None:
         torch.save(result, args.out)
     if args.devices > 0 and hasattr(record, "placement"):
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
+    if record.trace is not None:
+        torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
 
 
 if __name__ == "__main__":

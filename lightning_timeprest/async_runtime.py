@@ -1,0 +1,460 @@
+"""Executing an asynchronous schedule (nF1B or PipeDream's 1F1B) across Lightning ``training_step`` calls.
+
+Nothing flushes between mini-batches: in the step of mini-batch ``k`` a stage runs its forwards of ``k`` and the
+backwards the schedule puts between them, of earlier mini-batches still in flight, each followed by this
+stage's own optimizer step (:meth:`AsyncRuntime.run_step`). :meth:`AsyncRuntime.drain` finishes every mini-batch
+in flight; the strategy calls it at the end of an epoch, before validation, before a checkpoint and at the end
+of fit.
+
+Static replay (the default) executes the op order of :class:`~lightning_timeprest.schedules.StreamPlan`, so a
+run is reproducible and equals a single-process reference of the same rule. ``dynamic=True`` applies the same
+priority rule (a ready backward first, forwards in order) to what has actually arrived, and records the order
+and the weight version of every op in :attr:`AsyncRuntime.trace`.
+
+Which weights each op reads is the policy's (:mod:`lightning_timeprest.versions`). Two ways to take a backward
+when its weights differ from the forward's: ``graph`` keeps the forward graph and makes its saved weights read
+the backward weights; ``recompute`` keeps only the stage input and reruns the stage forward with the backward
+weights. The last stage always keeps its graph: it runs the user's loss code, and under every policy but
+vertical sync its backward follows its forwards with no optimizer step in between (``d = 0``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.optim import Optimizer
+
+from lightning_timeprest.comm import PipelineCommError, StageComm
+from lightning_timeprest.runtime import StageBoundary, StageModule
+from lightning_timeprest.schedules import Op, OpKind, StreamPlan
+from lightning_timeprest.versions import LeafSet, Policy, VersionStore
+
+__all__ = ["AsyncRuntime", "StepStats", "TraceEntry"]
+
+BackwardRule = Literal["graph", "recompute"]
+
+
+@dataclass
+class _Micro:
+    version: int  # the weight version the forward read
+    leaves: LeafSet | None = None  # what the forward read, when its graph is kept
+    inputs: Any = None  # the activation received (not on stage 0)
+    outputs: Any = None  # the activation sent (graph kept)
+    rng: Any = None  # RNG state at the forward (recompute reruns it identically)
+    loss: Tensor | None = None  # last stage: the user's micro-batch loss
+    pinned: bool = False
+
+
+@dataclass
+class _MiniBatch:
+    index: int
+    call_user: Callable[[int], Any] | None
+    weights: Sequence[float]
+    sizes: Sequence[int]
+    micro: dict[int, _Micro] = field(default_factory=dict)
+    outputs: list[Any] = field(default_factory=list)  # last stage: what the user's step returned, per micro-batch
+
+
+@dataclass
+class StepStats:
+    """What one stage did in one step (or one drain)."""
+
+    staleness: list[int] = field(default_factory=list)
+    versions_held: int = 1
+    weight_bytes: int = 0
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    samples: int = 0
+
+    def as_tensor(self, wall_s: float) -> Tensor:
+        d = self.staleness
+        return torch.tensor(
+            [
+                float(sum(d)),
+                float(len(d)),
+                float(max(d)) if d else 0.0,
+                float(self.versions_held),
+                float(self.weight_bytes),
+                self.busy_s,
+                self.wait_s,
+                wall_s,
+                float(self.samples),
+            ],
+            dtype=torch.float64,
+        )
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One op as it ran: the op, the weight version its forward read and, for a backward, the step count."""
+
+    op: Op
+    version: int
+
+
+class AsyncRuntime:
+    """One stage's executor of an asynchronous schedule."""
+
+    def __init__(
+        self,
+        *,
+        stage: int,
+        num_stages: int,
+        stage_module: StageModule,
+        root: nn.Module,
+        comm: StageComm,
+        optimizer: Optimizer,
+        schedule: str,
+        num_microbatches: int,
+        policy: Policy,
+        alpha: Callable[[int], float],
+        rule: BackwardRule,
+        dynamic: bool,
+        loss_of: Callable[[Any], Tensor],
+    ) -> None:
+        self.stage = stage
+        self.num_stages = num_stages
+        self.module = stage_module
+        self.root = root
+        self.comm = comm
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.num_microbatches = num_microbatches
+        self.policy = policy
+        self.alpha = alpha
+        self.rule = rule
+        self.dynamic = dynamic
+        self.loss_of = loss_of
+        self.is_first = stage == 0
+        self.is_last = stage == num_stages - 1
+        named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and not p.is_meta]
+        self.store = VersionStore([n for n, _ in named], [p for _, p in named])
+        #: per stream (one per drain), per op as it ran on this stage
+        self.trace: list[list[TraceEntry]] = [[]]
+        self.trained: set[int] = set()  # indexes into store.params that received a gradient
+        # dynamic mode: receives already posted (kept across drains: they will match the next stream's messages)
+        self._posted_header: Any = None
+        self._posted_ticket: Any = None
+        self._reset_stream()
+        self.stats = StepStats()
+
+    # -- stream state ---------------------------------------------------------------------------------------
+
+    def _reset_stream(self) -> None:
+        self.plan = StreamPlan(self.schedule, self.num_stages, self.num_microbatches, track=(self.stage,))
+        self.report_plan = StreamPlan(self.schedule, self.num_stages, self.num_microbatches, track=(0,))
+        self.pending: dict[int, _MiniBatch] = {}
+        self.finished: dict[int, list[Any]] = {}  # last stage: the user's step outputs of finished mini-batches
+        self.next_forward = (0, 0)  # (mini-batch, micro-batch)
+        self.next_backward = 0
+        self.newest = -1
+        self.completed_on_stage0 = -1  # static plan: mini-batches stage 0 has finished (for reporting)
+        self.store.reset()
+        if self.policy.forward == "vertical" and not self.is_first:
+            self.store.keep_versions_from(0)
+
+    @property
+    def in_flight(self) -> int:
+        return self.newest + 1 - self.next_backward
+
+    # -- steps ------------------------------------------------------------------------------------------------
+
+    def run_step(
+        self, call_user: Callable[[int], Any] | None, sizes: Sequence[int], weights: Sequence[float]
+    ) -> list[int]:
+        """Take in the next mini-batch and run this stage's ops of its step; return the mini-batches whose
+        backward (and optimizer step) completed on this stage."""
+        k = self.newest + 1
+        self.newest = k
+        self.pending[k] = _MiniBatch(k, call_user, weights, sizes)
+        done_before = self.next_backward
+        if self.dynamic:
+            self._run_dynamic(k)
+        else:
+            for op in self.plan.step_ops(self.stage, k):
+                self._run(op)
+        # reporting follows the static schedule on every rank, dynamic or not, so that all ranks agree
+        stage0_ops = self.report_plan.step_ops(0, k)
+        self.completed_on_stage0 += sum(op.kind is OpKind.BACKWARD for op in stage0_ops)
+        return list(range(done_before, self.next_backward))
+
+    def drain(self) -> list[int]:
+        """Finish every mini-batch in flight (backwards and optimizer steps); return those completed here."""
+        done_before = self.next_backward
+        for m in range(self.next_backward, self.newest + 1):
+            self._run(Op(OpKind.BACKWARD, m, None))
+        self.comm.wait_sends()
+        self.completed_on_stage0 = self.newest
+        done = list(range(done_before, self.next_backward))
+        self.trace.append([])
+        self._reset_stream()
+        return done
+
+    def _run(self, op: Op) -> None:
+        start, waited = time.perf_counter(), self.comm.wait_seconds
+        if op.kind is OpKind.FORWARD:
+            assert op.microbatch is not None
+            self._forward(op.minibatch, op.microbatch)
+        else:
+            self._backward(op.minibatch)
+        self.stats.busy_s += (time.perf_counter() - start) - (self.comm.wait_seconds - waited)
+        self.stats.versions_held = max(self.stats.versions_held, self.store.peak_versions)
+        self.stats.weight_bytes = max(self.stats.weight_bytes, self.store.peak_versions * self.store.param_bytes)
+
+    # -- the dynamic driver ------------------------------------------------------------------------------------
+
+    def _backward_ready(self) -> bool:
+        m = self.next_backward
+        if m > self.newest or m not in self.pending:
+            return False
+        if len(self.pending[m].micro) < self.num_microbatches:
+            return False
+        if self.is_last:
+            return True
+        if self._posted_ticket is None:
+            self._posted_ticket = self.comm.post_ticket()
+        return self._posted_ticket.ready()
+
+    def _forward_ready(self, k: int) -> bool:
+        m = self.next_forward[0]
+        if m > k:
+            return False
+        if self.is_first:
+            return True
+        if self._posted_header is None:
+            self._posted_header = self.comm.post_activation_header()
+        return self._posted_header.ready()
+
+    def _run_dynamic(self, k: int) -> None:
+        """Backward priority on what has arrived; return once the forwards of ``k`` ran and no backward is ready."""
+        deadline = time.monotonic() + self.comm.timeout.total_seconds()
+        while True:
+            if self._backward_ready():
+                self._run(Op(OpKind.BACKWARD, self.next_backward, None))
+            elif self._forward_ready(k):
+                m, j = self.next_forward
+                self._run(Op(OpKind.FORWARD, m, j))
+            elif self.next_forward[0] > k:
+                return
+            else:
+                if time.monotonic() > deadline:
+                    raise PipelineCommError(
+                        f"stage {self.stage}: neither an activation nor a gradient arrived within "
+                        f"{self.comm.timeout.total_seconds():.0f} s; a neighbouring stage is stuck"
+                    )
+                waited = time.perf_counter()
+                time.sleep(0.0002)
+                self.comm.wait_seconds += time.perf_counter() - waited
+                continue
+            deadline = time.monotonic() + self.comm.timeout.total_seconds()
+
+    # -- ops --------------------------------------------------------------------------------------------------
+
+    def _forward(self, m: int, j: int) -> None:
+        assert self.next_forward == (m, j), f"stage {self.stage}: forward {(m, j)} out of order"
+        mb = self.pending[m]
+        n = self.num_microbatches
+        self.next_forward = (m, j + 1) if j + 1 < n else (m + 1, 0)
+        inputs, tag = None, 0
+        if not self.is_first:
+            posted, self._posted_header = self._posted_header, None
+            inputs, tag = self.comm.recv_tagged_activation(requires_grad=True, posted=posted)
+        if self.policy.forward == "vertical" and not self.is_first:
+            version = tag
+            self.store.keep_versions_from(tag)
+        else:
+            version = self.store.version
+        keep_graph = self.is_last or self.rule == "graph"
+        record = _Micro(version=version, inputs=inputs)
+        if self.rule == "recompute" and not self.is_last:
+            record.rng = _rng_state()
+        if self.policy.backward in ("stashed", "intermediate") and not self.is_last:
+            self.store.pin(version)
+            record.pinned = True
+        if keep_graph:
+            record.leaves = self.store.leaves_for(version)
+            user_out, out = self._stage_forward(mb, j, inputs, record.leaves)
+        else:
+            with torch.no_grad():
+                user_out, out = self._stage_forward(mb, j, inputs, self.store.leaves_for(version))
+        mb.micro[j] = record
+        self.trace[-1].append(TraceEntry(Op(OpKind.FORWARD, m, j), version))
+        self.stats.samples += mb.sizes[j] if j < len(mb.sizes) else 0
+        if self.is_last:
+            mb.outputs.append(user_out)
+            record.loss = self.loss_of(user_out)
+        else:
+            self.comm.send_activation(
+                out,
+                tag=version if self.policy.forward == "vertical" else 0,
+                differentiable=None if keep_graph else torch.is_grad_enabled(),
+            )
+            if keep_graph:
+                record.outputs = out
+
+    def _stage_forward(self, mb: _MiniBatch, j: int, inputs: Any, leaves: LeafSet) -> tuple[Any, Any]:
+        """Run this stage on micro-batch ``j`` reading ``leaves``; return (user output, stage output)."""
+        params = dict(zip(self.store.names, leaves.leaves, strict=True))
+        produced: list[Any] = []
+
+        def handler(x: Any) -> Any:
+            if produced:
+                raise RuntimeError(
+                    f"the pipelined module {self.module.module_name!r} was called twice in one step; a pipelined "
+                    "module can be called once per step"
+                )
+            out = self.module.run_layers(x if self.is_first else inputs)
+            produced.append(out)
+            if not self.is_last:
+                raise StageBoundary
+            return out
+
+        def body() -> Any:
+            if not (self.is_first or self.is_last):
+                produced.append(self.module.run_layers(inputs))
+                return None
+            assert mb.call_user is not None
+            with self.module.handled_by(handler):
+                try:
+                    return mb.call_user(j)
+                except StageBoundary:
+                    return None
+
+        user_out = functional_call(_Call(self.root), {f"m.{k}": v for k, v in params.items()}, (body,), strict=False)
+        if not produced:
+            raise RuntimeError(
+                f"the step did not call the pipelined module {self.module.module_name!r}; the step must run the "
+                "model (e.g. self(x) whose forward calls it) so that the pipeline can carry the batch"
+            )
+        return user_out, produced[0]
+
+    def _backward(self, m: int) -> None:
+        assert m == self.next_backward, f"stage {self.stage}: backward {m} out of order"
+        mb = self.pending.pop(m)
+        if self.is_last:
+            self._backward_last(mb)
+            self.finished[m] = mb.outputs
+        else:
+            if self.dynamic:
+                posted, self._posted_ticket = self._posted_ticket, None
+                if posted is None:
+                    posted = self.comm.post_ticket()
+                got = self.comm.wait_ticket(posted)
+                assert got == m, f"stage {self.stage}: expected the backward of mini-batch {m}, got {got}"
+            for j in range(self.num_microbatches):
+                self._backward_micro(mb, j)
+        self.next_backward = m + 1
+        self.trace[-1].append(TraceEntry(Op(OpKind.BACKWARD, m, None), self.store.version))
+        for i, p in enumerate(self.store.params):
+            if p.grad is not None:
+                self.trained.add(i)
+        for record in mb.micro.values():  # the backward is done: its stale version is needed no more
+            if record.pinned:
+                self.store.unpin(record.version)
+        with self.store.stepping():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _backward_last(self, mb: _MiniBatch) -> None:
+        if self.dynamic and not self.is_first:
+            self.comm.send_ticket(mb.index)
+        total = None
+        for j, record in sorted(mb.micro.items()):
+            assert record.loss is not None
+            if not record.loss.requires_grad:
+                raise RuntimeError(
+                    "the loss returned by training_step does not require grad; it cannot be back-propagated"
+                )
+            term = record.loss * mb.weights[j]
+            total = term if total is None else total + term
+        assert total is not None
+        sets: dict[int, LeafSet] = {}
+        for record in mb.micro.values():
+            assert record.leaves is not None
+            sets.setdefault(id(record.leaves), record.leaves)
+            self.stats.staleness.append(self.store.version - record.version)
+        with _reading_all(self.store, self.policy, self.alpha, list(sets.values())):
+            torch.autograd.backward(total)
+        for leaves in sets.values():
+            self.store.harvest(leaves)
+        if not self.is_first:
+            for j in range(self.num_microbatches):
+                self.comm.send_gradients(mb.micro[j].inputs)
+
+    def _backward_micro(self, mb: _MiniBatch, j: int) -> None:
+        record = mb.micro[j]
+        values, d = self.store.backward_values(self.policy, record.version, self.alpha)
+        self.stats.staleness.append(d)
+        if record.leaves is not None:  # graph rule: the saved weights read the backward weights
+            pairs = self.comm.recv_gradients(record.outputs)
+            with self.store.reading(record.leaves, values):
+                if pairs:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            self.store.harvest(record.leaves)
+        else:  # recompute: rerun the stage with the backward weights
+            if values[0].data_ptr() == self.store.params[0].data_ptr():
+                leaves = self.store.live_leaves()
+            else:
+                leaves = LeafSet(-1, values, live=False)
+            with _rng_restored(record.rng):
+                _, out = self._stage_forward(mb, j, record.inputs, leaves)
+            pairs = self.comm.recv_gradients(out)
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            self.store.harvest(leaves)
+        if not self.is_first:
+            if self.dynamic and j == 0:
+                self.comm.send_ticket(mb.index)
+            self.comm.send_gradients(record.inputs)
+
+
+class _Call(nn.Module):
+    """Lets :func:`torch.func.functional_call` run arbitrary code (the user's step) with replaced parameters."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.m = module
+
+    def forward(self, body: Callable[[], Any]) -> Any:
+        return body()
+
+
+@contextmanager
+def _reading_all(
+    store: VersionStore, policy: Policy, alpha: Callable[[int], float], sets: list[LeafSet]
+) -> Iterator[None]:
+    if not sets:
+        yield
+        return
+    first, rest = sets[0], sets[1:]
+    values, _ = store.backward_values(policy, first.version, alpha)
+    with store.reading(first, values), _reading_all(store, policy, alpha, rest):
+        yield
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor]]:
+    cuda = (
+        [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_initialized() else []
+    )
+    return torch.get_rng_state(), cuda
+
+
+@contextmanager
+def _rng_restored(state: tuple[Tensor, list[Tensor]] | None) -> Iterator[None]:
+    if state is None:
+        yield
+        return
+    cpu, cuda = state
+    devices = list(range(len(cuda)))
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        for i, s in enumerate(cuda):
+            torch.cuda.set_rng_state(s, i)
+        yield

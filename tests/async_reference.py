@@ -1,0 +1,222 @@
+"""A single-process reference for the asynchronous policies: tests/models.py's StemNetHead trained by applying
+each policy's weight rule, op by op, in the global slot order of the same static schedule.
+
+It shares nothing with the strategy but the pure schedule (which ops, in which order) and the micro-batch split.
+Each stage keeps every version of its weights; a forward reads its version, a backward the policy's weights:
+
+* timeprest_v: the latest; timeprest: forward reads the version stage 0 had at entry, backward the latest;
+* pipedream: the forward's version; timeprest_i: latest + alpha(d) * (forward's version - latest).
+
+``graph`` back-propagates through the forward's graph with its weight leaves overwritten by the backward
+weights; ``recompute`` reruns the stage on its input with the backward weights. The last stage always keeps its
+graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import models
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import seed_everything
+from torch.func import functional_call
+
+from lightning_timeprest.microbatch import split
+from lightning_timeprest.partition import plan_stages
+from lightning_timeprest.schedules import Op, OpKind, Schedule, nf1b, pipedream_1f1b, simulate
+
+FORWARD_RULE = {"timeprest_v": "live", "timeprest": "vertical", "timeprest_i": "live", "pipedream": "live"}
+BACKWARD_RULE = {"timeprest_v": "latest", "timeprest": "latest", "timeprest_i": "intermediate", "pipedream": "stashed"}
+
+
+def reference(
+    policy: str,
+    num_stages: int,
+    num_microbatches: int,
+    *,
+    optimizer: str = "sgd",
+    epochs: int = 2,
+    batch_size: int = 18,
+    alpha: Callable[[int], float] = lambda d: math.exp(-d),
+    rule: str = "graph",
+    schedules: Sequence[Schedule] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The state dict after ``epochs`` epochs (``schedules``: one recorded schedule per epoch instead of the
+    static one)."""
+    seed_everything(0)
+    model = models.StemNetHead(optimizer=optimizer)
+    w = num_stages
+    plan = plan_stages("net", model.net, w, "parameters")
+    owned: list[list[str]] = []
+    for s in range(w):
+        names = [
+            f"net.{layer}.{p}"
+            for layer in plan.layers_of(s)
+            for p in ("weight", "bias")
+            if layer in model.net._modules and hasattr(model.net._modules[layer], p)
+        ]
+        if s == 0:
+            names = ["stem.weight", "stem.bias", *names]
+        if s == w - 1:
+            names += ["head.weight", "head.bias"]
+        owned.append(names)
+    full = dict(model.named_parameters())
+    live = [{n: torch.nn.Parameter(full[n].detach().clone()) for n in owned[s]} for s in range(w)]
+    lr = model.hparams.lr
+    opts = [
+        torch.optim.Adam(live[s].values(), lr=lr * 0.1)
+        if optimizer == "adam"
+        else torch.optim.SGD(live[s].values(), lr=lr, momentum=0.9)
+        for s in range(w)
+    ]
+
+    def run_stage(s: int, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if s == 0:
+            x = torch.tanh(
+                functional_call(model.stem, {k[5:]: v for k, v in params.items() if k.startswith("stem.")}, (x,))
+            )
+        for layer in plan.layers_of(s):
+            sub = model.net._modules[layer]
+            x = functional_call(
+                sub, {k.split(".", 2)[2]: v for k, v in params.items() if k.startswith(f"net.{layer}.")}, (x,)
+            )
+        if s == w - 1:
+            x = functional_call(
+                model.head, {k[5:]: v for k, v in params.items() if k.startswith("head.")}, (torch.tanh(x),)
+            )
+        return x
+
+    data = list(models.loader(batch_size))
+    for epoch in range(epochs):
+        m_count = len(data)
+        if schedules is not None:
+            schedule = schedules[epoch]
+        elif policy == "pipedream":
+            schedule = pipedream_1f1b(w, m_count)
+        else:
+            schedule = nf1b(w, num_microbatches, m_count)
+        n = schedule.num_microbatches
+        splits = [split(batch, n) for batch in data]
+        version = [0] * w
+        history: list[dict[int, dict[str, torch.Tensor]]] = [
+            {0: {k: v.detach().clone() for k, v in live[s].items()}} for s in range(w)
+        ]
+        entry: dict[tuple[int, int], int] = {}
+        fwd: dict[tuple[int, int, int], dict] = {}  # (stage, m, j) -> record
+        grad_in: dict[tuple[int, int, int], torch.Tensor] = {}  # gradient for stage s's output of (m, j)
+        grid = simulate(schedule)
+        for slot in range(len(grid[0])):
+            for s in range(w):
+                op = grid[s][slot]
+                if op is None:
+                    continue
+                if op.kind is OpKind.FORWARD:
+                    _forward(s, op, w, version, history, entry, fwd, splits, run_stage, rule, policy)
+                else:
+                    _backward(
+                        s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts
+                    )
+    out = {}
+    for s in range(w):
+        out.update({k: v.detach().clone() for k, v in live[s].items()})
+    return out
+
+
+def _forward(s, op: Op, w, version, history, entry, fwd, splits, run_stage, rule, policy) -> None:
+    m, j = op.minibatch, op.microbatch
+    if s == 0:
+        entry[(m, j)] = version[0]
+        x = splits[m][0][j][0]
+    else:
+        x = fwd[(s - 1, m, j)]["out"].detach().requires_grad_(True)
+    v = entry[(m, j)] if FORWARD_RULE[policy] == "vertical" else version[s]
+    leaves = {k: t.detach().clone().requires_grad_(True) for k, t in history[s][v].items()}
+    if rule == "graph" or s == w - 1:
+        out = run_stage(s, leaves, x)
+    else:
+        with torch.no_grad():
+            out = run_stage(s, leaves, x)
+    rec = {"v": v, "x": x, "out": out, "leaves": leaves}
+    if s == w - 1:
+        rec["loss"] = F.cross_entropy(out, splits[m][0][j][1])
+    fwd[(s, m, j)] = rec
+
+
+def _backward_weights(s, v, version, history, policy, alpha) -> dict[str, torch.Tensor]:
+    d = version[s] - v
+    latest = history[s][version[s]]
+    rule = BACKWARD_RULE[policy]
+    if d == 0 or rule == "latest":
+        return latest
+    stale = history[s][v]
+    if rule == "stashed":
+        return stale
+    a = float(alpha(d))
+    return {k: torch.lerp(latest[k], stale[k], a) for k in latest}
+
+
+def _backward(s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts) -> None:
+    m = op.minibatch
+    grads: dict[str, torch.Tensor] = {}
+
+    def collect(leaves: dict[str, torch.Tensor]) -> None:
+        for k, t in leaves.items():
+            if t.grad is not None:
+                grads[k] = grads[k] + t.grad if k in grads else t.grad
+
+    sizes = splits[m][1]
+    if s == w - 1:
+        total = None
+        for j in range(n):
+            rec = fwd[(s, m, j)]
+            wb = _backward_weights(s, rec["v"], version, history, policy, alpha)
+            with torch.no_grad():
+                for k, t in rec["leaves"].items():
+                    t.data.copy_(wb[k])
+            term = rec["loss"] * (sizes[j] / sum(sizes))
+            total = term if total is None else total + term
+        total.backward()
+        for j in range(n):
+            collect(fwd[(s, m, j)]["leaves"])
+    else:
+        for j in range(n):
+            rec = fwd[(s, m, j)]
+            wb = _backward_weights(s, rec["v"], version, history, policy, alpha)
+            if rule == "graph":
+                leaves, out = rec["leaves"], rec["out"]
+                with torch.no_grad():
+                    for k, t in leaves.items():
+                        t.data.copy_(wb[k])
+            else:
+                leaves = {k: t.detach().clone().requires_grad_(True) for k, t in wb.items()}
+                out = run_stage(s, leaves, rec["x"])
+            out.backward(grad_in.pop((s, m, j)))
+            collect(leaves)
+    if s > 0:
+        for j in range(n):
+            grad_in[(s - 1, m, j)] = fwd[(s, m, j)]["x"].grad
+    for j in range(n):
+        del fwd[(s, m, j)]
+    for k, p in live[s].items():
+        p.grad = grads.get(k)
+    opts[s].step()
+    opts[s].zero_grad(set_to_none=True)
+    version[s] += 1
+    history[s][version[s]] = {k: v.detach().clone() for k, v in live[s].items()}
+
+
+def recorded_schedules(
+    traces: Sequence[Sequence[Sequence[tuple]]], num_stages: int, num_microbatches: int
+) -> list[Schedule]:
+    """Per epoch, the op order each rank recorded (``traces[rank][stream]``) as a validated Schedule."""
+    out = []
+    for stream in range(len(traces[0])):
+        stage_ops = []
+        for rank in range(num_stages):
+            ops = [Op(OpKind(kind), m, j) for kind, m, j, _ in traces[rank][stream]]
+            stage_ops.append(tuple(ops))
+        if any(stage_ops):
+            out.append(Schedule("recorded", num_stages, num_microbatches, tuple(stage_ops), synchronous=False))
+    return out

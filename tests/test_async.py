@@ -1,0 +1,183 @@
+"""The asynchronous policies with real processes over gloo, against tests/async_reference.py: a single-process
+reference that applies the same weight rule on the same static schedule."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+
+import pytest
+import torch
+from async_reference import recorded_schedules, reference
+from conftest import assert_same_params, run_script, train
+from models import StemNetHead
+
+from lightning_timeprest.schedules import nf1b
+
+EPOCHS = ("--epochs", "2", "--batch-size", "18")  # 6 mini-batches per epoch (the last one of 10 samples)
+
+# (policy, W, N, optimizer, rule): every policy at W = 2, 3, 4, each with SGD (momentum) and with Adam; N such
+# that v = 1 where the policy needs it, and W > N + 1 (v = 2) where it does not
+CASES = [
+    ("timeprest_v", 2, 2, "sgd", "graph"),
+    ("timeprest_v", 3, 2, "adam", "graph"),
+    ("timeprest_v", 4, 3, "sgd", "recompute"),
+    ("timeprest", 2, 2, "adam", "graph"),
+    ("timeprest", 3, 2, "sgd", "recompute"),
+    ("timeprest", 4, 2, "adam", "graph"),
+    ("timeprest_i", 2, 3, "adam", "recompute"),
+    ("timeprest_i", 3, 2, "sgd", "graph"),
+    ("timeprest_i", 4, 2, "adam", "graph"),
+    ("timeprest_i", 4, 3, "sgd", "recompute"),
+    ("pipedream", 2, 1, "sgd", "graph"),
+    ("pipedream", 3, 1, "adam", "recompute"),
+    ("pipedream", 4, 1, "sgd", "graph"),
+]
+
+
+def _run(tmp_path, policy, w, n, optimizer, rule, *extra):
+    return train(
+        tmp_path,
+        f"{policy}-{w}",
+        *EPOCHS,
+        "--devices",
+        str(w),
+        "--schedule",
+        policy,
+        "--n",
+        str(n),
+        "--optimizer",
+        optimizer,
+        "--rule",
+        rule,
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("policy, w, n, optimizer, rule", CASES)
+def test_matches_single_process_reference(tmp_path, policy, w, n, optimizer, rule):
+    got = _run(tmp_path, policy, w, n, optimizer, rule)
+    ref = reference(policy, w, n, optimizer=optimizer, rule=rule, epochs=2)
+    initial = dict(StemNetHead().named_parameters()) if False else None  # noqa: F841 (see below)
+    params = {k: v for k, v in got["state_dict"].items() if k in ref}
+    assert set(params) == set(ref)
+    assert_same_params(ref, params)
+    assert got["global_step"] == 12
+    pipeline = got["pipeline"][-1]
+    for s in range(w):
+        held = pipeline[f"pipeline/stage{s}/versions_held_epoch"]
+        if policy == "timeprest_v":
+            assert held == 1  # one live version, nothing stashed
+        elif policy == "pipedream":
+            assert 1 <= held <= w - s  # PipeDream stashes at most W - s versions
+        assert pipeline[f"pipeline/stage{s}/staleness_max_epoch"] >= 0
+    # the last stage never sees staleness under live forward weights; stage 0 does when W > 1
+    if policy != "timeprest":
+        assert pipeline[f"pipeline/stage{w - 1}/staleness_max_epoch"] == 0
+    assert pipeline["pipeline/stage0/staleness_max_epoch"] >= 1
+    assert pipeline["pipeline/v_epoch"] == (0 if policy == "pipedream" else (1 if w <= n + 1 else 2))
+
+
+def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
+    torch.manual_seed(0)
+    from lightning.pytorch import seed_everything
+
+    seed_everything(0)
+    initial = StemNetHead().state_dict()
+    got = _run(tmp_path, "timeprest_i", 3, 2, "sgd", "graph")
+    assert any(not torch.equal(initial[k], got["state_dict"][k]) for k in initial)
+    losses = [s["train_loss_step"] for s in got["steps"]]
+    returned = [s["returned"] for s in got["steps"]]
+    # a mini-batch's loss is reported once it completed on every stage: the first steps have none yet
+    assert math.isnan(returned[0]) and all(not math.isnan(x) for x in returned[3:])
+    assert all(not math.isnan(x) for x in losses[3:])
+    # every mini-batch is logged exactly once per epoch (the drain at the epoch end logs the rest)
+    assert all(math.isfinite(e["train_loss_epoch"]) for e in got["epochs"])
+
+
+@pytest.mark.parametrize("w, n", [(3, 2), (4, 2)])
+def test_significance_one_is_pipedream_stashing_and_zero_is_timeprest_v(tmp_path, w, n):
+    stashed = _run(tmp_path, "timeprest_i", w, n, "adam", "graph", "--significance", "one")
+    ref = reference("pipedream", w, n, optimizer="adam", epochs=2, schedules=[nf1b(w, n, 6)] * 2)
+    assert_same_params(ref, {k: v for k, v in stashed["state_dict"].items() if k in ref})
+    latest = _run(tmp_path, "timeprest_i", w, n, "adam", "graph", "--significance", "zero")
+    args = ("--schedule", "timeprest_v") if w <= n + 1 else ()
+    if args:
+        v = _run(tmp_path, "timeprest_v", w, n, "adam", "graph")
+        assert_same_params(v["state_dict"], latest["state_dict"], atol=0)
+    ref = reference("timeprest_v", w, n, optimizer="adam", epochs=2)
+    assert_same_params(ref, {k: v for k, v in latest["state_dict"].items() if k in ref})
+
+
+def test_dynamic_mode_records_what_it_ran(tmp_path):
+    """dynamic=True orders ops by arrival; replaying the recorded order with the same rule gives the same model."""
+    w, n = 3, 2
+    got = _run(tmp_path, "timeprest_i", w, n, "sgd", "graph", "--dynamic")
+    out = tmp_path / f"timeprest_i-{w}.pt"
+    traces = [torch.load(f"{out}.trace{r}") for r in range(w)]
+    schedules = recorded_schedules(traces, w, n)
+    assert len(schedules) == 2  # one stream per epoch
+    ref = reference("timeprest_i", w, n, epochs=2, schedules=schedules)
+    assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
+    # the versions each forward recorded are those the replay computes
+    for stream, _schedule in enumerate(schedules):
+        for s in range(w):
+            steps = 0
+            for kind, _m, _j, version in traces[s][stream]:
+                if kind == "F":
+                    assert version == steps
+                else:
+                    steps += 1
+
+
+def test_checkpoint_after_the_drain_resumes_exactly(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    args = ("--devices", "3", "--schedule", "timeprest", "--n", "2", "--optimizer", "adam", "--batch-size", "18")
+    full = train(tmp_path, "full", *args, "--epochs", "2", "--ckpt-dir", str(ckpts))
+    resumed = train(tmp_path, "resumed", *args, "--epochs", "2", "--resume", str(ckpts / "epoch=0-step=6.ckpt"))
+    assert_same_params(full["state_dict"], resumed["state_dict"], atol=0)
+    # and the checkpoint is an ordinary whole-model one
+    model = StemNetHead.load_from_checkpoint(ckpts / "epoch=1-step=12.ckpt")
+    assert_same_params(model.state_dict(), full["state_dict"], atol=0)
+
+
+def test_mid_epoch_validation_and_max_steps_drain(tmp_path):
+    """Validation drains the pipeline first; fit ending on max_steps mid-epoch drains on the last step."""
+    got = train(
+        tmp_path,
+        "val",
+        "--devices",
+        "2",
+        "--schedule",
+        "timeprest_v",
+        "--n",
+        "2",
+        "--val",
+        "--max-steps",
+        "8",
+        "--epochs",
+        "3",
+    )
+    assert got["global_step"] == 8
+    assert math.isfinite(got["epochs"][0]["val_loss"])
+
+
+def _alive(marker: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_stage_that_dies_mid_epoch_ends_every_rank(tmp_path, dynamic):
+    out = str(tmp_path / "dies.pt")
+    start = time.monotonic()
+    args = ["--devices", "3", "--schedule", "timeprest_i", "--n", "2", "--epochs", "3", "--die-rank", "1"]
+    args += ["--die-step", "4", "--out", out] + (["--dynamic"] if dynamic else [])
+    proc = run_script(tmp_path, *args, check=False, timeout=120)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 60
+    while _alive(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(out), "a rank kept running after its peer died"
+    assert time.monotonic() - start < 120
+    assert "PipelineCommError: stage" in proc.stderr
