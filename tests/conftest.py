@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,15 @@ def reference(reference_cache, tmp_path_factory):
         return reference_cache[args]
 
     return get
+
+
+def ranks_alive(marker: str) -> list[str]:
+    """The pids of processes whose command line contains ``marker`` (a run's output path)."""
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+
+
+def wait_for_ranks_to_exit(marker: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while ranks_alive(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ranks_alive(marker), "a rank kept running after its peer failed"

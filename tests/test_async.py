@@ -4,13 +4,12 @@ reference that applies the same weight rule on the same static schedule."""
 from __future__ import annotations
 
 import math
-import subprocess
 import time
 
 import pytest
 import torch
 from async_reference import recorded_schedules, reference
-from conftest import assert_same_params, run_script, train
+from conftest import assert_same_params, run_script, train, wait_for_ranks_to_exit
 from models import StemNetHead
 
 from lightning_timeprest.schedules import nf1b
@@ -59,7 +58,6 @@ def _run(tmp_path, policy, w, n, optimizer, rule, *extra):
 def test_matches_single_process_reference(tmp_path, policy, w, n, optimizer, rule):
     got = _run(tmp_path, policy, w, n, optimizer, rule)
     ref = reference(policy, w, n, optimizer=optimizer, rule=rule, epochs=2)
-    initial = dict(StemNetHead().named_parameters()) if False else None  # noqa: F841 (see below)
     params = {k: v for k, v in got["state_dict"].items() if k in ref}
     assert set(params) == set(ref)
     assert_same_params(ref, params)
@@ -163,10 +161,6 @@ def test_mid_epoch_validation_and_max_steps_drain(tmp_path):
     assert math.isfinite(got["epochs"][0]["val_loss"])
 
 
-def _alive(marker: str) -> list[str]:
-    return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
-
-
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_stage_that_dies_mid_epoch_ends_every_rank(tmp_path, dynamic):
     out = str(tmp_path / "dies.pt")
@@ -175,9 +169,6 @@ def test_a_stage_that_dies_mid_epoch_ends_every_rank(tmp_path, dynamic):
     args += ["--die-step", "4", "--out", out] + (["--dynamic"] if dynamic else [])
     proc = run_script(tmp_path, *args, check=False, timeout=120)
     assert proc.returncode != 0
-    deadline = time.monotonic() + 60
-    while _alive(out) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _alive(out), "a rank kept running after its peer died"
+    wait_for_ranks_to_exit(out)
     assert time.monotonic() - start < 120
     assert "PipelineCommError: stage" in proc.stderr

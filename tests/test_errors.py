@@ -3,12 +3,11 @@ every rank promptly."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, wait_for_ranks_to_exit
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from models import ManualOptimization, StemNetHead, TwoOptimizers, loader
@@ -83,11 +82,6 @@ def test_more_stages_than_layers(tmp_path):
     assert time.monotonic() - start < 120
 
 
-def _alive(marker: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-    return out.split()
-
-
 @pytest.mark.parametrize("rank, how", [(0, "killed"), (1, "killed"), (0, "raises")])
 def test_a_failing_stage_ends_every_rank(tmp_path, rank, how):
     """A rank killed mid-epoch, or one whose step raises (its caller catching the error and living on), ends
@@ -98,10 +92,7 @@ def test_a_failing_stage_ends_every_rank(tmp_path, rank, how):
     env = {"TEST_RAISE": "1"} if how == "raises" else {}
     proc = run_script(tmp_path, *args, check=False, timeout=120, env=env)
     assert proc.returncode != 0
-    deadline = time.monotonic() + 60
-    while _alive(out) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _alive(out), "a rank kept running after its peer failed"
+    wait_for_ranks_to_exit(out)
     assert time.monotonic() - start < 120
     if how == "raises":
         assert "rank 0 caught the error and lives on" in proc.stdout
