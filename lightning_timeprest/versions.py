@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -66,17 +67,30 @@ def significance_function(
     """
     if callable(kind):
         return kind
+    # module-level functions under partial: the strategy stays picklable (the spawn launcher pickles it)
     if kind == "exp":
         if decay_lambda < 0:
             raise ValueError(f"decay_lambda must be >= 0, got {decay_lambda}")
-        return lambda d: math.exp(-decay_lambda * d)
+        return partial(_exp, decay_lambda)
     if kind == "inverse":
-        return lambda d: 1.0 / (1.0 + d)
+        return _inverse
     if kind == "power":
         if not 0 <= power_beta <= 1:
             raise ValueError(f"power_beta must be in [0, 1], got {power_beta}")
-        return lambda d: power_beta**d
+        return partial(_power, power_beta)
     raise ValueError(f"unknown significance {kind!r}; choose 'exp', 'inverse', 'power' or pass a callable d -> alpha")
+
+
+def _exp(decay_lambda: float, d: int) -> float:
+    return math.exp(-decay_lambda * d)
+
+
+def _inverse(d: int) -> float:
+    return 1.0 / (1.0 + d)
+
+
+def _power(beta: float, d: int) -> float:
+    return beta**d
 
 
 class LeafSet:

@@ -18,7 +18,7 @@ from lightning_timeprest import TiMePReStStrategy
 from lightning_timeprest.registry import register
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "timeprest_v", "timeprest", "timeprest_i", "pipedream"])
 def test_names_resolve_in_the_trainer(name):
     trainer = Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
     assert isinstance(trainer.strategy, TiMePReStStrategy)
@@ -45,7 +45,7 @@ def test_default_microbatches_and_sampler():
     strategy = Trainer(strategy="gpipe", accelerator="cpu", devices=2, logger=False).strategy
     assert strategy.num_microbatches == 4
     assert strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
-    assert lightning_timeprest.SCHEDULES == ("gpipe", "1f1b")
+    assert lightning_timeprest.SCHEDULES == ("gpipe", "1f1b", "timeprest_v", "timeprest", "timeprest_i", "pipedream")
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess:
