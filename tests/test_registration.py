@@ -59,14 +59,16 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
         ("spirals_1f1b.yaml", "module"),  # python -m lightning_timeprest
     ],
 )
-def test_cli_yaml(config, launch):
+def test_cli_yaml(tmp_path, config, launch):
     script = shutil.which("lightning-timeprest", path=str(Path(sys.executable).parent))
     if launch == "console script":
         assert script is not None, "the package's console script is not installed next to this Python"
         command = [script]
     else:
         command = [sys.executable, "-m", "lightning_timeprest"]
+    # (default_root_dir: LightningCLI saves the resolved config.yaml there, not in the repository)
     overrides = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    overrides += ["--trainer.default_root_dir", str(tmp_path)]
     proc = _run(*command, "fit", "--config", f"examples/configs/{config}", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "All distributed processes registered. Starting with 2 processes" in proc.stdout + proc.stderr
