@@ -32,7 +32,7 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 
 from lightning_timeprest.comm import PipelineCommError, StageComm
-from lightning_timeprest.runtime import StageBoundary, StageModule
+from lightning_timeprest.runtime import StageModule, through_stage
 from lightning_timeprest.schedules import Op, OpKind, StreamPlan
 from lightning_timeprest.versions import LeafSet, Policy, VersionStore
 
@@ -136,6 +136,7 @@ class AsyncRuntime:
         self.is_last = stage == num_stages - 1
         named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and not p.is_meta]
         self.store = VersionStore([n for n, _ in named], [p for _, p in named])
+        self._call_names = [f"m.{n}" for n in self.store.names]  # the names functional_call replaces, via _Call
         #: per stream (one per drain), per op as it ran on this stage
         self.trace: list[list[TraceEntry]] = [[]]
         self.trained: set[int] = set()  # indexes into store.params that received a gradient
@@ -159,10 +160,6 @@ class AsyncRuntime:
         self.store.reset()
         if self.policy.forward == "vertical" and not self.is_first:
             self.store.keep_versions_from(0)
-
-    @property
-    def in_flight(self) -> int:
-        return self.newest + 1 - self.next_backward
 
     # -- steps ------------------------------------------------------------------------------------------------
 
@@ -196,6 +193,12 @@ class AsyncRuntime:
         self.trace.append([])
         self._reset_stream()
         return done
+
+    def take_stats(self) -> StepStats:
+        """What this stage did since the last call (the peak of versions held restarts from what is held now)."""
+        stats, self.stats = self.stats, StepStats()
+        self.store.peak_versions = self.store.versions_held
+        return stats
 
     def _run(self, op: Op) -> None:
         start, waited = time.perf_counter(), self.comm.wait_seconds
@@ -301,39 +304,15 @@ class AsyncRuntime:
 
     def _stage_forward(self, mb: _MiniBatch, j: int, inputs: Any, leaves: LeafSet) -> tuple[Any, Any]:
         """Run this stage on micro-batch ``j`` reading ``leaves``; return (user output, stage output)."""
-        params = dict(zip(self.store.names, leaves.leaves, strict=True))
-        produced: list[Any] = []
+        call_user = mb.call_user
+        step = (lambda: call_user(j)) if call_user is not None else None
 
-        def handler(x: Any) -> Any:
-            if produced:
-                raise RuntimeError(
-                    f"the pipelined module {self.module.module_name!r} was called twice in one step; a pipelined "
-                    "module can be called once per step"
-                )
-            out = self.module.run_layers(x if self.is_first else inputs)
-            produced.append(out)
-            if not self.is_last:
-                raise StageBoundary
-            return out
+        def body() -> tuple[Any, Any]:
+            return through_stage(self.module, self.is_first, self.is_last, inputs, step)
 
-        def body() -> Any:
-            if not (self.is_first or self.is_last):
-                produced.append(self.module.run_layers(inputs))
-                return None
-            assert mb.call_user is not None
-            with self.module.handled_by(handler):
-                try:
-                    return mb.call_user(j)
-                except StageBoundary:
-                    return None
-
-        user_out = functional_call(_Call(self.root), {f"m.{k}": v for k, v in params.items()}, (body,), strict=False)
-        if not produced:
-            raise RuntimeError(
-                f"the step did not call the pipelined module {self.module.module_name!r}; the step must run the "
-                "model (e.g. self(x) whose forward calls it) so that the pipeline can carry the batch"
-            )
-        return user_out, produced[0]
+        return functional_call(
+            _Call(self.root), dict(zip(self._call_names, leaves.leaves, strict=True)), (body,), strict=False
+        )
 
     def _backward(self, m: int) -> None:
         assert m == self.next_backward, f"stage {self.stage}: backward {m} out of order"
@@ -402,7 +381,7 @@ class AsyncRuntime:
             if values[0].data_ptr() == self.store.params[0].data_ptr():
                 leaves = self.store.live_leaves()
             else:
-                leaves = LeafSet(-1, values, live=False)
+                leaves = LeafSet(-1, values)
             with _rng_restored(record.rng):
                 _, out = self._stage_forward(mb, j, record.inputs, leaves)
             pairs = self.comm.recv_gradients(out)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_timeprest.comm import StageComm
 from lightning_timeprest.schedules import OpKind, Schedule
 
-__all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StepResult"]
+__all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StepResult", "through_stage"]
 
 
 class StageBoundary(BaseException):
@@ -72,6 +72,45 @@ class StageModule(nn.Module):
             yield
         finally:
             self._handler = None
+
+
+def through_stage(
+    module: StageModule, is_first: bool, is_last: bool, inputs: Any, call_user: Callable[[], Any] | None
+) -> tuple[Any, Any]:
+    """Run one micro-batch through this stage; return (the user's step output, the stage's output).
+
+    Stage 0 and the last stage run the user's step (``call_user``) with the pipelined module handled here: stage
+    0 feeds it the step's own input and stops the step at the boundary; the last stage feeds it ``inputs`` (the
+    activation received) and lets the step finish. Middle stages apply their layers to ``inputs``.
+    """
+    if call_user is None:
+        return None, module.run_layers(inputs)
+    produced: list[Any] = []
+
+    def handler(x: Any) -> Any:
+        if produced:
+            raise RuntimeError(
+                f"the pipelined module {module.module_name!r} was called twice in one step; a pipelined module can be "
+                "called once per step"
+            )
+        out = module.run_layers(x if is_first else inputs)
+        produced.append(out)
+        if not is_last:
+            raise StageBoundary
+        return out
+
+    user_output = None
+    with module.handled_by(handler):
+        try:
+            user_output = call_user()
+        except StageBoundary:
+            pass
+    if not produced:
+        raise RuntimeError(
+            f"the step did not call the pipelined module {module.module_name!r}; the step must run the model (e.g. "
+            "self(x) whose forward calls it) so that the pipeline can carry the batch"
+        )
+    return user_output, produced[0]
 
 
 @dataclass
@@ -141,38 +180,15 @@ class PipelineRuntime:
 
     def _forward(self, j: int, call_user: Callable[[int], Any], train: bool) -> tuple[_InFlight, Any]:
         record = _InFlight()
-        produced: list[Any] = []
-
         if not self.is_first:
             record.inputs = self.comm.recv_activation(requires_grad=train and torch.is_grad_enabled())
-
-        def handler(x: Any) -> Any:
-            if produced:
-                raise RuntimeError(
-                    f"the pipelined module {self.module.module_name!r} was called twice in one step; a pipelined "
-                    "module can be called once per step"
-                )
-            out = self.module.run_layers(x if self.is_first else record.inputs)
-            produced.append(out)
-            if not self.is_last:
-                raise StageBoundary
-            return out
-
-        user_output = None
-        if self.runs_user_code:
-            with self.module.handled_by(handler):
-                try:
-                    user_output = call_user(j)
-                except StageBoundary:
-                    pass
-            if not produced:
-                raise RuntimeError(
-                    f"the step did not call the pipelined module {self.module.module_name!r}; the step must run the "
-                    "model (e.g. self(x) whose forward calls it) so that the pipeline can carry the batch"
-                )
-            out = produced[0]
-        else:
-            out = self.module.run_layers(record.inputs)
+        user_output, out = through_stage(
+            self.module,
+            self.is_first,
+            self.is_last,
+            record.inputs,
+            (lambda: call_user(j)) if self.runs_user_code else None,
+        )
         if not self.is_last:
             self.comm.send_activation(out)
             record.outputs = out

@@ -40,7 +40,7 @@ from torchmetrics import Metric
 
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import metrics
-from lightning_timeprest.async_runtime import AsyncRuntime, StepStats
+from lightning_timeprest.async_runtime import AsyncRuntime
 from lightning_timeprest.comm import PipelineGroups, StageComm, destroy_pipeline_groups, new_pipeline_groups
 from lightning_timeprest.microbatch import batch_size, join, split
 from lightning_timeprest.partition import (
@@ -710,7 +710,7 @@ class PipelineStrategyMixin:
         engine = self._engine
         assert engine is not None and self._runtime is not None
         now = time.perf_counter()
-        stats, engine.stats = engine.stats, StepStats()
+        stats = engine.take_stats()
         stats.wait_s = self._runtime.comm.wait_seconds
         self._runtime.comm.wait_seconds = 0.0
         record = stats.as_tensor(now - self._step_clock)

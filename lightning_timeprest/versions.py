@@ -96,10 +96,9 @@ def _power(beta: float, d: int) -> float:
 class LeafSet:
     """The tensors one or more forwards ran with: leaves that share a storage (live weights or a snapshot)."""
 
-    def __init__(self, version: int, storage: list[Tensor], live: bool) -> None:
+    def __init__(self, version: int, storage: list[Tensor]) -> None:
         self.version = version
         self.storage = storage
-        self.live = live
         # a separate autograd version counter: in-place updates of the storage never invalidate pending graphs
         self.leaves = [_alias(t) for t in storage]
 
@@ -131,7 +130,7 @@ class VersionStore:
 
     def live_leaves(self) -> LeafSet:
         if self._live is None:
-            self._live = LeafSet(self.version, [p.data for p in self.params], live=True)
+            self._live = LeafSet(self.version, [p.data for p in self.params])
         return self._live
 
     def leaves_for(self, version: int) -> LeafSet:
@@ -140,13 +139,7 @@ class VersionStore:
             return self.live_leaves()
         if version not in self.snapshots:
             raise RuntimeError(f"weight version {version} is no longer held (live version {self.version})")
-        return LeafSet(version, self.snapshots[version], live=False)
-
-    def values(self, version: int) -> list[Tensor]:
-        """The weights of ``version`` (read-only views)."""
-        if version == self.version:
-            return [p.data for p in self.params]
-        return self.snapshots[version]
+        return LeafSet(version, self.snapshots[version])
 
     # -- bookkeeping of what pending ops need ------------------------------------------------------------------
 
