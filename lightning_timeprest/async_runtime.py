@@ -32,7 +32,7 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 
 from lightning_timeprest.comm import PipelineCommError, StageComm
-from lightning_timeprest.runtime import StageModule, through_stage
+from lightning_timeprest.runtime import StageRunner, through_stage
 from lightning_timeprest.schedules import Op, OpKind, StreamPlan
 from lightning_timeprest.versions import LeafSet, Policy, VersionStore
 
@@ -107,7 +107,7 @@ class AsyncRuntime:
         *,
         stage: int,
         num_stages: int,
-        stage_module: StageModule,
+        stage_module: StageRunner,
         root: nn.Module,
         comm: StageComm,
         optimizer: Optimizer,
@@ -137,6 +137,8 @@ class AsyncRuntime:
         named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and not p.is_meta]
         self.store = VersionStore([n for n, _ in named], [p for _, p in named])
         self._call_names = [f"m.{n}" for n in self.store.names]  # the names functional_call replaces, via _Call
+        # (a traced stage reads the user's modules' own tensor tables, so replacing tensors there reaches it too)
+        self._call = _Call(root)
         #: per stream (one per drain), per op as it ran on this stage
         self.trace: list[list[TraceEntry]] = [[]]
         self.trained: set[int] = set()  # indexes into store.params that received a gradient
@@ -311,7 +313,7 @@ class AsyncRuntime:
             return through_stage(self.module, self.is_first, self.is_last, inputs, step)
 
         return functional_call(
-            _Call(self.root), dict(zip(self._call_names, leaves.leaves, strict=True)), (body,), strict=False
+            self._call, dict(zip(self._call_names, leaves.leaves, strict=True)), (body,), strict=False
         )
 
     def _backward(self, m: int) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 __all__ = ["PipelineCommError", "PipelineGroups", "StageComm", "destroy_pipeline_groups", "new_pipeline_groups"]
 
@@ -46,7 +47,19 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.complex64,
 )
 _HEADER_LEN = 256
-_TENSOR, _TUPLE, _LIST = 0, 1, 2
+_TENSOR, _TUPLE, _LIST, _TREE = 0, 1, 2, 3
+
+
+class _Slot:
+    """Stands for the i-th tensor in a pickled boundary structure (the tensors travel as tensors)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Slot, (self.index,))
 
 
 class PipelineCommError(RuntimeError):
@@ -82,20 +95,38 @@ def new_pipeline_groups(
     return mine
 
 
-def _flatten(value: Any) -> tuple[int, list[Tensor]]:
+def _flatten(value: Any) -> tuple[int, list[Tensor], bytes]:
+    """Split a boundary value into its tensors and, unless it is a tensor or a tuple/list of tensors, the pickled
+    structure around them (several tensors, ints, None, ... may cross a stage boundary)."""
     if isinstance(value, Tensor):
-        return _TENSOR, [value]
+        return _TENSOR, [value], b""
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value):
-        return (_TUPLE if isinstance(value, tuple) else _LIST), list(value)
-    raise PipelineCommError(
-        f"a stage boundary can carry a tensor or a tuple/list of tensors, got {type(value).__name__}; move the "
-        "split so that the layers at the boundary exchange tensors"
-    )
+        return (_TUPLE if isinstance(value, tuple) else _LIST), list(value), b""
+    leaves, spec = pytree.tree_flatten(value)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+    slots, i = [], 0
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            slots.append(_Slot(i))
+            i += 1
+        else:
+            slots.append(leaf)
+    try:
+        structure = pickle.dumps(pytree.tree_unflatten(slots, spec))
+    except Exception as err:
+        raise PipelineCommError(
+            f"a stage boundary carries a value that cannot be sent ({type(value).__name__}: {err}); move the split "
+            "so that the boundary carries tensors and plain Python values"
+        ) from err
+    return _TREE, tensors, structure
 
 
-def _unflatten(kind: int, tensors: list[Tensor]) -> Any:
+def _unflatten(kind: int, tensors: list[Tensor], structure: bytes = b"") -> Any:
     if kind == _TENSOR:
         return tensors[0]
+    if kind == _TREE:
+        leaves, spec = pytree.tree_flatten(pickle.loads(structure), is_leaf=lambda x: isinstance(x, _Slot))
+        return pytree.tree_unflatten([tensors[x.index] if isinstance(x, _Slot) else x for x in leaves], spec)
     return tuple(tensors) if kind == _TUPLE else list(tensors)
 
 
@@ -188,13 +219,11 @@ class StageComm:
         ``differentiable=True`` marks float tensors as needing a gradient back even if they were computed without
         a graph (a forward that will be recomputed at backward time).
         """
-        kind, tensors = _flatten(value)
-        header = [kind, len(tensors)]
+        kind, tensors, structure = _flatten(value)
+        header = [kind, len(tensors), len(structure)]
         for t in tensors:
             grad = t.requires_grad if differentiable is None else differentiable and t.is_floating_point()
             header += [_DTYPES.index(t.dtype), int(grad), t.dim(), *t.shape]
-        if len(header) > _HEADER_LEN:
-            raise PipelineCommError(f"stage output is too complex to send ({len(tensors)} tensors)")
         if len(header) > _HEADER_LEN - 1:
             raise PipelineCommError(f"stage output is too complex to send ({len(tensors)} tensors)")
         buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
@@ -202,6 +231,8 @@ class StageComm:
         buf[-1] = tag
         group = self.groups.activations
         self._isend(buf, self.stage + 1, group)
+        if structure:
+            self._isend(torch.frombuffer(bytearray(structure), dtype=torch.uint8), self.stage + 1, group)
         for t in tensors:
             self._isend(t, self.stage + 1, group)
 
@@ -222,7 +253,11 @@ class StageComm:
         else:
             header = posted.result(self.stage - 1, "an activation")
         values = header.tolist()
-        kind, count, pos = values[0], values[1], 2
+        kind, count, nbytes, pos = values[0], values[1], values[2], 3
+        structure = b""
+        if nbytes:
+            raw = torch.empty(nbytes, dtype=torch.uint8, device=self._wire_device)
+            structure = self._recv(raw, self.stage - 1, group, "an activation").cpu().numpy().tobytes()
         tensors = []
         for _ in range(count):
             dtype, grad, ndim = _DTYPES[values[pos]], bool(values[pos + 1]), values[pos + 2]
@@ -238,7 +273,7 @@ class StageComm:
             if grad and requires_grad:
                 t.requires_grad_(True)
             tensors.append(t)
-        return _unflatten(kind, tensors), values[-1]
+        return _unflatten(kind, tensors, structure), values[-1]
 
     def send_ticket(self, value: int) -> None:
         """Announce a backward to the previous stage (dynamic mode: lets it see the gradients are coming)."""
@@ -330,6 +365,12 @@ class StageComm:
         out: list[Any] | None = [None] * self.num_stages if self.stage == dst_stage else None
         with self._control(f"gathering stage states on stage {dst_stage}"):
             dist.gather_object(obj, out, dst=self._rank_of(dst_stage), group=self.groups.control)
+        return out
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.num_stages
+        with self._control("gathering stage states on every stage"):
+            dist.all_gather_object(out, obj, group=self.groups.control)
         return out
 
     def broadcast_tensor(self, tensor: Tensor, src_stage: int) -> None:

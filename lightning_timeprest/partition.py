@@ -1,35 +1,47 @@
-"""Choosing the pipelined submodule and cutting it into stages.
+"""Choosing the pipelined submodule, cutting it into stages and balancing the stages.
 
-The pipelined submodule is an ``nn.Sequential`` of the LightningModule; its top-level children are the
-*layers* that stages receive in contiguous runs. Everything outside it (a stem, a head, tied weights) is not
-partitioned: it is replicated on every stage (see :mod:`lightning_timeprest.strategy`).
+The pipelined submodule is cut into *blocks* that stages receive in contiguous runs: the children of an
+``nn.Sequential``, or, for any other module, the blocks that :mod:`lightning_timeprest.tracing` cuts its traced
+forward into. Everything outside it (a stem, a head, tied weights) is replicated on the stages that use it (see
+:mod:`lightning_timeprest.strategy`).
 
-Balancing follows torchgpipe's idea: a *balance* is a list of layer counts, one per stage, summing to the
-number of layers. ``"parameters"`` picks the contiguous split that minimises the largest stage's parameter
-count (the exact optimum, by dynamic programming).
+Balancing follows torchgpipe's idea: a *balance* is a list of block counts, one per stage, summing to the
+number of blocks. ``"parameters"``, ``"time"`` and ``"memory"`` pick the contiguous split that minimises the
+largest stage's cost (the exact optimum, by dynamic programming); the costs of ``"time"`` and ``"memory"`` come
+from :func:`profile_blocks`, which runs each block forward and backward on a sample micro-batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 __all__ = [
+    "BALANCE_MODES",
+    "BlockCosts",
     "PartitionError",
     "Replicated",
     "StagePlan",
     "balance_by_cost",
     "find_pipelined_module",
+    "format_table",
     "layer_parameter_counts",
     "parameter_aliases",
+    "plan_sequential",
     "plan_stages",
+    "profile_blocks",
     "replicated_parameters",
+    "tensor_holders",
 ]
 
 BalanceSpec = Sequence[int] | str
+BALANCE_MODES = ("parameters", "time", "memory")
 
 
 class PartitionError(ValueError):
@@ -40,38 +52,43 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def find_pipelined_module(root: nn.Module, module_name: str | None = None) -> tuple[str, nn.Sequential]:
-    """Return ``(qualified_name, module)`` of the submodule to pipeline.
+def _overrides_forward(module: nn.Module) -> bool:
+    owner = next(c for c in type(module).__mro__ if "forward" in c.__dict__)
+    return owner.__name__ not in ("LightningModule", "Module")
 
-    With ``module_name`` given, that submodule (dotted path) must exist and be an ``nn.Sequential``. Otherwise
-    the ``nn.Sequential`` holding the most parameters is chosen (the first one found on a tie).
+
+def find_pipelined_module(
+    root: nn.Module, module_name: str | None = None, split_points: Sequence[str] | None = None
+) -> tuple[str, nn.Module, bool]:
+    """Return ``(qualified_name, module, traced)``: the submodule to pipeline ("" for the LightningModule's own
+    forward), and whether it is split by tracing (otherwise it is an ``nn.Sequential`` cut between children).
+
+    With ``module_name``, that submodule (dotted path; "" for the forward itself). Without it: the largest
+    ``nn.Sequential`` when it holds at least half of the parameters (no tracing needed), else the
+    LightningModule's own forward, traced. ``split_points`` always means tracing.
     """
+    sequentials = [(n, m) for n, m in root.named_modules() if n and isinstance(m, nn.Sequential)]
     if module_name is not None:
         try:
             module = root.get_submodule(module_name)
         except AttributeError:
-            names = [n for n, m in root.named_modules() if isinstance(m, nn.Sequential) and n]
+            names = [n for n, m in root.named_children()]
             raise PartitionError(
-                f"module_name={module_name!r} names no submodule of {type(root).__name__}; nn.Sequential "
-                f"submodules found: {names or 'none'}"
+                f"module_name={module_name!r} names no submodule of {type(root).__name__}; its children are "
+                f"{names or 'none'} (use '' for its own forward)"
             ) from None
-        if not isinstance(module, nn.Sequential):
-            raise PartitionError(
-                f"module_name={module_name!r} is a {type(module).__name__}, not an nn.Sequential; the pipelined "
-                "submodule must be an nn.Sequential whose children are the layers to split into stages"
-            )
-        return module_name, module
-    best: tuple[str, nn.Sequential] | None = None
-    for name, module in root.named_modules():
-        if name and isinstance(module, nn.Sequential) and (best is None or _numel(module) > _numel(best[1])):
-            best = (name, module)
-    if best is None:
-        raise PartitionError(
-            f"{type(root).__name__} has no nn.Sequential submodule to pipeline. Put the layers to split into "
-            "stages in an nn.Sequential attribute (e.g. self.layers = nn.Sequential(...)) and call it from your "
-            "forward, or name one with TiMePReStStrategy(module_name=...)"
-        )
-    return best
+        return module_name, module, bool(split_points) or not isinstance(module, nn.Sequential)
+    best = max(sequentials, key=lambda item: _numel(item[1]), default=None)
+    if not split_points and best is not None and 2 * _numel(best[1]) >= _numel(root):
+        return best[0], best[1], False
+    if _overrides_forward(root):
+        return "", root, True
+    if best is not None and not split_points:
+        return best[0], best[1], False
+    raise PartitionError(
+        f"{type(root).__name__} defines no forward to pipeline and holds no nn.Sequential: define forward (and call "
+        "self(x) in your steps), or name the submodule your steps call with TiMePReStStrategy(module_name=...)"
+    )
 
 
 def layer_parameter_counts(sequential: nn.Sequential) -> list[int]:
@@ -126,27 +143,142 @@ class StagePlan:
         return self.layer_names[start : start + self.balance[stage]]
 
 
-def plan_stages(module_name: str, sequential: nn.Sequential, num_stages: int, balance: BalanceSpec | None) -> StagePlan:
-    """Validate or compute the balance of ``sequential`` over ``num_stages`` stages."""
-    layer_names = tuple(name for name, _ in sequential.named_children())
+def plan_stages(
+    module_name: str,
+    layer_names: Sequence[str],
+    num_stages: int,
+    balance: BalanceSpec | None,
+    costs: BlockCosts,
+) -> StagePlan:
+    """Validate or compute the balance of the blocks ``layer_names`` over ``num_stages`` stages."""
     n = len(layer_names)
+    what = repr(module_name) if module_name else "the forward"
     if num_stages > n:
         raise PartitionError(
-            f"the pipelined module {module_name!r} has {n} layers, too few for {num_stages} stages (each stage "
-            f"needs at least one layer); use at most {n} devices, or pipeline a deeper nn.Sequential"
+            f"the pipelined module {what} has {n} blocks, too few for {num_stages} stages (each stage needs at "
+            f"least one block); use at most {n} devices, or pipeline a deeper module"
         )
-    if balance is None or balance == "parameters":
-        counts = balance_by_cost(layer_parameter_counts(sequential), num_stages)
-    elif isinstance(balance, str):
-        raise PartitionError(f"unknown balance {balance!r}; give 'parameters' or a list of layer counts per stage")
+    if balance is None or isinstance(balance, str):
+        mode = balance or "parameters"
+        if mode not in BALANCE_MODES:
+            raise PartitionError(f"unknown balance {mode!r}; give one of {BALANCE_MODES} or a list of block counts")
+        values = costs.of(mode)
+        if values is None:
+            raise PartitionError(
+                f"balance={mode!r} needs a profile of each block on a sample batch, and none could be taken (no "
+                "sample batch: the dataloader is missing, or the step did not call the pipelined module; or the "
+                "parameters are on the meta device); use balance='parameters' or a list of block counts"
+            )
+        counts = balance_by_cost(values, num_stages)
     else:
         counts = [int(c) for c in balance]
         if len(counts) != num_stages or any(c < 1 for c in counts) or sum(counts) != n:
             raise PartitionError(
-                f"balance={list(balance)} does not fit: it needs {num_stages} positive layer counts (one per stage) "
-                f"that add up to the {n} layers of {module_name!r}"
+                f"balance={list(balance)} does not fit: it needs {num_stages} positive block counts (one per stage) "
+                f"that add up to the {n} blocks of {what}: {list(layer_names)}"
             )
-    return StagePlan(module_name, tuple(counts), layer_names)
+    return StagePlan(module_name, tuple(counts), tuple(layer_names))
+
+
+def plan_sequential(
+    module_name: str, sequential: nn.Sequential, num_stages: int, balance: BalanceSpec | None = None
+) -> StagePlan:
+    """:func:`plan_stages` for the children of an ``nn.Sequential``, balanced by parameters or a list."""
+    names = [n for n, _ in sequential.named_children()]
+    return plan_stages(module_name, names, num_stages, balance, BlockCosts(layer_parameter_counts(sequential)))
+
+
+@dataclass
+class BlockCosts:
+    """What each block costs: parameters, and, when it was profiled, seconds (forward plus backward of one
+    micro-batch) and bytes (weights, their gradients and the activations it keeps for backward, for the
+    micro-batches a stage may hold)."""
+
+    parameters: list[int]
+    seconds: list[float] | None = None
+    bytes: list[int] | None = None
+
+    def of(self, mode: str) -> Sequence[float] | None:
+        return {"parameters": self.parameters, "time": self.seconds, "memory": self.bytes}[mode]
+
+
+def _float_tensors(value: Any) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def _detached(value: Any) -> Any:
+    def leaf(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        t = t.detach()
+        return t.requires_grad_(True) if t.is_floating_point() else t
+
+    return pytree.tree_map(leaf, value)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_blocks(
+    blocks: Sequence[Callable[[Any], Any]],
+    modules: Sequence[nn.Module],
+    sample: Any,
+    device: torch.device,
+    num_microbatches: int,
+    repeats: int = 3,
+) -> tuple[list[float], list[int]]:
+    """Time each block forward and backward on ``device`` with the sample micro-batch, in order, block ``k``
+    receiving block ``k - 1``'s output; measure the bytes it saves for backward.
+
+    Each block's module is moved to ``device`` only while it runs, so the whole model never has to fit there.
+    Returns per-block median seconds and estimated bytes (weights and gradients, plus the saved activations of
+    ``num_microbatches`` micro-batches: what a GPipe stage holds at its peak).
+    """
+    seconds: list[float] = []
+    nbytes: list[int] = []
+    x = pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, sample)
+    for block, module in zip(blocks, modules, strict=True):
+        home = next((t.device for t in [*module.parameters(), *module.buffers()]), device)
+        module.to(device)
+        times = []
+        saved = 0
+        for r in range(repeats + 1):
+            inputs = _detached(x)
+            seen: dict[int, int] = {}
+
+            def pack(t: Tensor, seen: dict[int, int] = seen) -> Tensor:
+                seen.setdefault(id(t), t.numel() * t.element_size())
+                return t
+
+            _sync(device)
+            start = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = block(inputs)
+            outs = [t for t in _float_tensors(out) if t.requires_grad]
+            if outs:
+                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+            _sync(device)
+            if r:  # the first run warms up
+                times.append(time.perf_counter() - start)
+            saved = sum(seen.values())
+        x = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+        for p in module.parameters():
+            p.grad = None
+        module.to(home)
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        seconds.append(sorted(times)[len(times) // 2])
+        nbytes.append(2 * weights + num_microbatches * saved)
+    return seconds, nbytes
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def parameter_aliases(module: nn.Module) -> dict[str, str]:
@@ -173,14 +305,20 @@ class Replicated:
     source: int
 
 
-def replicated_parameters(module: nn.Module, plan: StagePlan) -> list[Replicated]:
-    """The parameters of ``module`` (the full model) that more than one stage holds, in model order."""
-    prefix = plan.module_name + "."
-    stage_of = {layer: s for s in range(plan.num_stages) for layer in plan.layers_of(s)}
+def tensor_holders(module: nn.Module, stages_of: Callable[[str], set[int]]) -> dict[int, set[int]]:
+    """For every parameter and buffer of ``module`` (by ``id``), the stages that hold it.
+
+    ``stages_of(name)`` gives the stages that hold the tensor of that name; a tensor with several names (tied
+    weights) is held by every stage any of its names puts it on.
+    """
     holders: dict[int, set[int]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        stages = {stage_of[name[len(prefix) :].split(".")[0]]} if name.startswith(prefix) else set(stage_of.values())
-        holders.setdefault(id(p), set()).update(stages)
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        holders.setdefault(id(t), set()).update(stages_of(name))
+    return holders
+
+
+def replicated_parameters(module: nn.Module, holders: dict[int, set[int]]) -> list[Replicated]:
+    """The parameters of ``module`` (the full model) that more than one stage holds, in model order."""
     return [
         Replicated(name, p.shape, p.dtype, min(holders[id(p)]))
         for name, p in module.named_parameters()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_timeprest.comm import StageComm
 from lightning_timeprest.schedules import OpKind, Schedule
 
-__all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StepResult", "through_stage"]
+__all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StageRunner", "StepResult", "through_stage"]
 
 
 class StageBoundary(BaseException):
@@ -38,7 +38,43 @@ class StageBoundary(BaseException):
     """
 
 
-class StageModule(nn.Module):
+class StageRunner(nn.Module):
+    """What runs one stage's part of the pipelined module; the user's call of that module is handed to it.
+
+    Subclasses say how the user's call becomes the first stage's input (:meth:`entry`) and how the stage maps
+    its input to its output (:meth:`run_layers`).
+    """
+
+    module_name: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handler: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None
+
+    def entry(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def run_layers(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._handler is None:
+            raise RuntimeError(
+                f"the pipelined module {self.module_name or 'forward'!r} holds only one stage's layers and runs only "
+                "inside the pipeline's training/validation/test/predict steps; call the model through the Trainer"
+            )
+        return self._handler(args, kwargs)
+
+    @contextmanager
+    def handled_by(self, handler: Callable[[tuple[Any, ...], dict[str, Any]], Any]) -> Iterator[None]:
+        self._handler = handler
+        try:
+            yield
+        finally:
+            self._handler = None
+
+
+class StageModule(StageRunner):
     """Stands in for the pipelined ``nn.Sequential`` on one rank.
 
     Holds this stage's layers under their original child names, so parameter names (``layers.3.weight``) and
@@ -50,32 +86,23 @@ class StageModule(nn.Module):
         for name, layer in layers:
             self.add_module(name, layer)
         self.module_name = module_name
-        self._handler: Callable[[Any], Any] | None = None
+
+    def entry(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if len(args) != 1 or kwargs:
+            raise RuntimeError(
+                f"the pipelined nn.Sequential {self.module_name!r} takes one input, got {len(args)} positional and "
+                f"{len(kwargs)} keyword arguments"
+            )
+        return args[0]
 
     def run_layers(self, x: Any) -> Any:
         for layer in self.children():
             x = layer(x)
         return x
 
-    def forward(self, x: Any) -> Any:
-        if self._handler is None:
-            raise RuntimeError(
-                f"the pipelined module {self.module_name!r} holds only one stage's layers and runs only inside the "
-                "pipeline's training/validation/test/predict steps; call the model through the Trainer"
-            )
-        return self._handler(x)
-
-    @contextmanager
-    def handled_by(self, handler: Callable[[Any], Any]) -> Iterator[None]:
-        self._handler = handler
-        try:
-            yield
-        finally:
-            self._handler = None
-
 
 def through_stage(
-    module: StageModule, is_first: bool, is_last: bool, inputs: Any, call_user: Callable[[], Any] | None
+    module: StageRunner, is_first: bool, is_last: bool, inputs: Any, call_user: Callable[[], Any] | None
 ) -> tuple[Any, Any]:
     """Run one micro-batch through this stage; return (the user's step output, the stage's output).
 
@@ -87,13 +114,13 @@ def through_stage(
         return None, module.run_layers(inputs)
     produced: list[Any] = []
 
-    def handler(x: Any) -> Any:
+    def handler(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if produced:
             raise RuntimeError(
-                f"the pipelined module {module.module_name!r} was called twice in one step; a pipelined module can be "
-                "called once per step"
+                f"the pipelined module {module.module_name or 'forward'!r} was called twice in one step; a pipelined "
+                "module can be called once per step"
             )
-        out = module.run_layers(x if is_first else inputs)
+        out = module.run_layers(module.entry(args, kwargs) if is_first else inputs)
         produced.append(out)
         if not is_last:
             raise StageBoundary
@@ -107,7 +134,8 @@ def through_stage(
             pass
     if not produced:
         raise RuntimeError(
-            f"the step did not call the pipelined module {module.module_name!r}; the step must run the model (e.g. "
+            f"the step did not call the pipelined module {module.module_name or 'forward'!r}; the step must run the "
+            "model (e.g. "
             "self(x) whose forward calls it) so that the pipeline can carry the batch"
         )
     return user_output, produced[0]
@@ -130,7 +158,7 @@ class StepResult:
 class PipelineRuntime:
     """Runs this stage's ops of a schedule, micro-batch by micro-batch."""
 
-    def __init__(self, stage: int, num_stages: int, stage_module: StageModule, comm: StageComm) -> None:
+    def __init__(self, stage: int, num_stages: int, stage_module: StageRunner, comm: StageComm) -> None:
         self.stage = stage
         self.num_stages = num_stages
         self.module = stage_module

@@ -13,8 +13,9 @@ part of the schedule; the gradients it produced are set aside until Lightning's 
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, Literal
@@ -24,18 +25,20 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.fabric.utilities.init import _EmptyInit, _materialize_meta_tensors
+from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+from lightning.fabric.utilities.init import _EmptyInit
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
     register_module_parameter_registration_hook,
 )
 from torch.optim import Optimizer
+from torch.utils.data import Dataset, IterableDataset
 from torchmetrics import Metric
 
 from lightning_timeprest import checkpoint as ckpt
@@ -44,21 +47,35 @@ from lightning_timeprest.async_runtime import AsyncRuntime
 from lightning_timeprest.comm import PipelineGroups, StageComm, destroy_pipeline_groups, new_pipeline_groups
 from lightning_timeprest.microbatch import batch_size, join, split
 from lightning_timeprest.partition import (
+    BALANCE_MODES,
+    BlockCosts,
+    PartitionError,
     Replicated,
     StagePlan,
     find_pipelined_module,
-    layer_parameter_counts,
+    format_table,
     parameter_aliases,
     plan_stages,
+    profile_blocks,
     replicated_parameters,
+    tensor_holders,
 )
-from lightning_timeprest.runtime import PipelineRuntime, StageModule
+from lightning_timeprest.runtime import PipelineRuntime, StageBoundary, StageModule, StageRunner
 from lightning_timeprest.schedules import (
     ASYNCHRONOUS_SCHEDULES,
     SCHEDULES,
     Schedule,
     build_schedule,
     version_difference,
+)
+from lightning_timeprest.tracing import (
+    CallRecord,
+    TracedModel,
+    TracedStage,
+    call_tree,
+    candidate_boundaries,
+    trace,
+    walk_calls,
 )
 from lightning_timeprest.versions import POLICIES, significance_function
 
@@ -138,6 +155,109 @@ def _release(module: nn.Module, keep: set[int]) -> None:
                 sub._buffers[name] = torch.empty_like(b, device="meta")
 
 
+_SAMPLE_SOURCES = {
+    "fit": ("fit_loop", "training_step"),
+    "validate": ("validate_loop", "validation_step"),
+    "test": ("test_loop", "test_step"),
+    "predict": ("predict_loop", "predict_step"),
+}
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first dataloader of what a ``*_dataloader`` hook returned (one, a list, a dict, a CombinedLoader)."""
+    flattened = getattr(loaders, "flattened", None)
+    if flattened is not None:
+        loaders = flattened
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return _first_loader(loaders[0]) if loaders else None
+    return loaders
+
+
+def _first_batch(loader: Any) -> Any:
+    """A batch like the loader's first, built without touching its sampler (whose random state must stay as is):
+    the first ``batch_size`` samples of a map-style dataset through the loader's ``collate_fn``."""
+    if loader is None:
+        return None
+    dataset, size = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
+    if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset) and size:
+        count = min(size, len(dataset))  # type: ignore[arg-type]
+        return loader.collate_fn([dataset[i] for i in range(count)]) if count else None
+    generators = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+    states = [(g, g.get_state()) for g in generators if isinstance(g, torch.Generator)]
+    try:
+        return next(iter(loader), None)
+    finally:
+        for g, state in states:
+            g.set_state(state)
+
+
+def _first_block(stage: TracedStage) -> Callable[[Any], Any]:
+    def run(call: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        return stage.run_layers(stage.entry(*call))
+
+    return run
+
+
+@contextmanager
+def _sandbox(module: nn.Module) -> Iterator[None]:
+    """Run setup-time samples and profiles without a trace: random states and buffers are restored after."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers() if not b.is_meta]
+    py_state = random.getstate()
+    np_state = None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np = None  # type: ignore[assignment]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, value in buffers:
+                    b.copy_(value)
+            random.setstate(py_state)
+            if np is not None and np_state is not None:
+                np.random.set_state(np_state)
+
+
+def _materialize_held(module: nn.Module, device: torch.device, keep: set[int]) -> None:
+    """Materialise (``to_empty`` + ``reset_parameters``) the modules that hold meta tensors this stage keeps."""
+    for sub in module.modules():
+        direct = [*sub._parameters.values(), *sub._buffers.values()]
+        if any(t is not None and t.is_meta and id(t) in keep for t in direct):
+            sub.to_empty(device=device, recurse=False)
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+
+def _detach(module: nn.Module, keep: set[int]) -> list[tuple[nn.Module, str, str, Tensor]]:
+    """Remove from ``module`` the parameters and buffers not in ``keep`` (other stages' tensors), so that this
+    rank's ``parameters()``, ``state_dict()`` and optimizer see only its own; return meta placeholders to put back
+    afterwards, as ``(submodule, "_parameters" or "_buffers", name, placeholder)``."""
+    removed = []
+    for sub in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(sub, kind)
+            for name, t in list(table.items()):
+                if t is not None and id(t) not in keep:
+                    placeholder = torch.empty_like(t, device="meta")
+                    if isinstance(t, nn.Parameter):
+                        placeholder = nn.Parameter(placeholder, t.requires_grad)
+                    removed.append((sub, kind, name, placeholder))
+                    del table[name]
+    return removed
+
+
 def _install(root: nn.Module, name: str, submodule: nn.Module) -> None:
     """Put ``submodule`` at the dotted path ``name`` of ``root``."""
     parent_name, _, attr = name.rpartition(".")
@@ -148,11 +268,11 @@ def _fill(module: nn.Module, prefix: str, tensors: Mapping[str, Tensor]) -> None
     """Put back the tensors of a released ``module`` from ``tensors`` (keyed by full name)."""
     for sub_name, sub in module.named_modules(prefix=prefix):
         for name, p in list(sub._parameters.items()):
-            key = f"{sub_name}.{name}"
+            key = f"{sub_name}.{name}" if sub_name else name
             if p is not None and p.is_meta and key in tensors:
                 sub._parameters[name] = nn.Parameter(tensors[key], p.requires_grad)
         for name, b in list(sub._buffers.items()):
-            key = f"{sub_name}.{name}"
+            key = f"{sub_name}.{name}" if sub_name else name
             if b is not None and b.is_meta and key in tensors:
                 sub._buffers[name] = tensors[key]
 
@@ -170,10 +290,15 @@ class PipelineStrategyMixin:
             or ``"pipedream"`` (weight stashing, N = 1).
         num_microbatches: N, the micro-batches each batch is split into along dim 0 (default: 2 x stages for the
             synchronous schedules, ``max(2, stages - 1)`` for nF1B so that ``W <= N + 1``, 1 for pipedream).
-        balance: layers per stage (a list summing to the pipelined module's length), or ``"parameters"`` to
-            balance the parameter count.
-        module_name: the ``nn.Sequential`` attribute to pipeline (dotted path); by default the one with the most
-            parameters.
+        balance: blocks per stage (a list summing to the number of blocks), or how to balance them:
+            ``"parameters"``, ``"time"`` (each block timed forward and backward on the device with a sample
+            micro-batch) or ``"memory"`` (weights, gradients and saved activations of each block).
+        module_name: the submodule to pipeline (dotted path; ``""`` for the LightningModule's own forward). By
+            default the largest ``nn.Sequential`` if it holds at least half of the parameters, else the
+            LightningModule's forward. An ``nn.Sequential`` is cut between its children; any other module's
+            forward is traced (``torch.export``) and split by ``torch.distributed.pipelining``.
+        split_points: names of submodules (as in ``named_modules()`` of the LightningModule) at whose beginning
+            to cut, ``stages - 1`` of them, instead of the automatic choice; always traced.
         p2p_timeout: seconds a stage waits for a neighbour's activation or gradient before failing.
         significance: I-TiMePReSt's ``alpha(d)``: ``"exp"`` (``exp(-decay_lambda d)``), ``"inverse"``
             (``1 / (1 + d)``), ``"power"`` (``power_beta ** d``) or a callable ``d -> alpha``.
@@ -193,6 +318,7 @@ class PipelineStrategyMixin:
         num_microbatches: int | None = None,
         balance: list[int] | str = "parameters",
         module_name: str | None = None,
+        split_points: list[str] | None = None,
         p2p_timeout: float = 600.0,
         significance: str | Callable[[int], float] = "exp",
         decay_lambda: float = 1.0,
@@ -223,10 +349,20 @@ class PipelineStrategyMixin:
             raise PipelineConfigError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if num_microbatches is not None and (isinstance(num_microbatches, bool) or int(num_microbatches) < 1):
             raise PipelineConfigError(f"num_microbatches must be a positive integer, got {num_microbatches!r}")
-        if isinstance(balance, str) and balance != "parameters":
-            raise PipelineConfigError(f"unknown balance {balance!r}; give 'parameters' or a list of layer counts")
+        if isinstance(balance, str) and balance not in BALANCE_MODES:
+            raise PipelineConfigError(
+                f"unknown balance {balance!r}; give one of {', '.join(BALANCE_MODES)} or a list of block counts"
+            )
         if not isinstance(balance, str) and (not balance or any(int(b) < 1 for b in balance)):
-            raise PipelineConfigError(f"balance must list a positive layer count per stage, got {balance!r}")
+            raise PipelineConfigError(f"balance must list a positive block count per stage, got {balance!r}")
+        if split_points is not None and (
+            isinstance(split_points, str) or not all(isinstance(n, str) and n for n in split_points)
+        ):
+            raise PipelineConfigError(
+                f"split_points must be a list of submodule names (e.g. ['model.layer3']), got {split_points!r}"
+            )
+        if split_points and not isinstance(balance, str):
+            raise PipelineConfigError("give either split_points or a balance list, not both: each fixes the stages")
         if p2p_timeout <= 0:
             raise PipelineConfigError(f"p2p_timeout must be positive, got {p2p_timeout}")
         if backward_rule not in ("graph", "recompute"):
@@ -249,11 +385,20 @@ class PipelineStrategyMixin:
         self._num_microbatches = None if num_microbatches is None else int(num_microbatches)
         self.balance = balance
         self.module_name = module_name
+        self.split_points = list(split_points) if split_points else None
         self.p2p_timeout = timedelta(seconds=p2p_timeout)
         self._groups: PipelineGroups | None = None
         self._plan: StagePlan | None = None
         self._runtime: PipelineRuntime | None = None
         self._sequential: nn.Sequential | None = None
+        self._traced_module: nn.Module | None = None
+        self._holders: dict[str, set[int]] = {}
+        self._tied: list[str] = []
+        self._replicated_buffers: list[tuple[str, int, torch.Size, torch.dtype]] = []
+        self._detached: list[tuple[nn.Module, str, str, Tensor]] = []
+        self._sample_problem = ""
+        #: the partition table printed at fit start: a header row, then one row per stage
+        self.partition_table: list[list[str]] = []
         self._state_keys: list[str] = []
         self._param_order: list[str] = []
         self._aliases: dict[str, str] = {}
@@ -334,6 +479,13 @@ class PipelineStrategyMixin:
         with _parameters_on_meta():
             yield
 
+    def model_to_device(self) -> None:
+        # released tensors (other stages' parts) stay on the meta device
+        assert self.model is not None
+        device = self.root_device
+        self.model._apply(lambda t: t if t.is_meta else t.to(device))
+        _update_properties(self.model, device=device)
+
     def setup(self, trainer: Any) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
@@ -346,6 +498,8 @@ class PipelineStrategyMixin:
         self._partition(module)
         self.precision_plugin.convert_module(module)
         self.model_to_device()
+        if self._runtime is not None and isinstance(self._runtime.module, TracedStage):
+            self._runtime.module.rebind()  # device moves and conversions may have replaced buffers
         self._replicated_local = self._replicated_here()
         self._sync_replicated()
         self._metric_groups_before = {}
@@ -408,9 +562,7 @@ class PipelineStrategyMixin:
                 f"W={w} stages and N={n} micro-batches v={version_difference(w, n)}. Use num_microbatches >= "
                 f"{smallest}, fewer stages, or schedule='timeprest_i'"
             )
-        tied = (
-            [r.name for r in self._replicated if r.name.startswith(self._plan.module_name + ".")] if self._plan else []
-        )
+        tied = self._tied
         if tied:
             raise PipelineConfigError(
                 f"parameters {tied[:3]} are tied across pipeline stages; the asynchronous policies update each stage "
@@ -448,48 +600,265 @@ class PipelineStrategyMixin:
         self._owners = [r.source for r in self._replicated]
 
     def _partition(self, module: nn.Module) -> None:
-        name, sequential = find_pipelined_module(module, self.module_name)
-        plan = plan_stages(name, sequential, self.num_stages, self.balance)
+        """Cut the pipelined module into stages, keep this stage's part and release the rest (meta device)."""
+        name, target, traced = find_pipelined_module(module, self.module_name, self.split_points)
+        what = f"{type(target).__name__} ({name!r})" if name else f"the forward of {type(target).__name__}"
+        prefix = f"{name}." if name else ""
+        w = self.num_stages
+        meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+        with _sandbox(module):
+            sample = self._agreed(self._sample_call(module, target))
+            tm: TracedModel | None = None
+            if traced:
+                if sample is None:
+                    raise PartitionError(
+                        f"splitting {what} needs a sample of its input, taken by running your step on one batch: "
+                        f"{self._sample_problem}"
+                    )
+                if meta:
+                    raise PartitionError(
+                        f"{what} is traced to be split, which needs real parameters: empty_init=True and parameters "
+                        "built in configure_model (meta device) work only with an nn.Sequential pipelined module"
+                    )
+                if self.split_points:
+                    tree = call_tree(target, *sample)
+                    boundaries = self._relative_split_points(name, target, tree)
+                    first = tree.children[0]  # the block before the first cut starts with the forward's first call
+                    while first.children and boundaries[0].startswith(first.name + "."):
+                        first = first.children[0]
+                    names = [first.name, *boundaries]
+                else:
+                    names = candidate_boundaries(target, call_tree(target, *sample), 4 * w)
+                    boundaries = names[1:]
+                tm = trace(target, sample[0], sample[1], boundaries, what)
+                blocks: list[Any] = [tm.stage(k, k + 1) for k in range(tm.num_blocks)]
+                runs = [_first_block(blocks[0])] + [b.run_layers for b in blocks[1:]]
+                costs = BlockCosts([tm.block_parameters(k) for k in range(tm.num_blocks)])
+                display = [prefix + n for n in names]
+            else:
+                assert isinstance(target, nn.Sequential)
+                blocks = list(target)
+                runs = list(blocks)
+                costs = BlockCosts([sum(p.numel() for p in layer.parameters()) for layer in blocks])
+                names = [n for n, _ in target.named_children()]
+                display = [prefix + n for n in names]
+            if sample is not None and not meta:
+                micro = self._sample_microbatch(sample, traced)
+                costs.seconds, costs.bytes = profile_blocks(
+                    runs, blocks, micro, self.root_device, self.num_microbatches
+                )
+                self._agree_on_costs(costs)
+        balance = [1] * w if self.split_points else self.balance
+        plan = plan_stages(name, names, w, balance, costs)
+        if tm is not None and len(plan.layer_names) != tm.num_blocks:
+            raise PartitionError(f"tracing {what} gave {tm.num_blocks} blocks for {len(names)} names")
+
+        # which stages hold which tensor
+        everyone = set(range(w))
+        readers: dict[str, set[int]] = {}
+        stage_of_block = [s for s in range(w) for _ in range(plan.balance[s])]
+        if tm is not None:
+            for s in range(w):
+                start = sum(plan.balance[:s])
+                for rel in tm.stage(start, start + plan.balance[s]).rebind():
+                    readers.setdefault(prefix + rel, set()).add(s)
+        else:
+            index = {n: k for k, n in enumerate(names)}
+            for n, _ in [*target.named_parameters(remove_duplicate=False), *target.named_buffers()]:
+                readers[prefix + n] = {stage_of_block[index[n.split(".")[0]]]}
+
+        def stages_of(tensor_name: str) -> set[int]:
+            return readers.get(tensor_name, everyone) if tensor_name.startswith(prefix) else everyone
+
+        holders = tensor_holders(module, stages_of)
+        by_name = {n: id(t) for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        self._holders = {k: holders.get(by_name.get(k, -1), everyone) for k in module.state_dict()}
         self._state_keys = list(module.state_dict().keys())
         self._param_order = [n for n, _ in module.named_parameters()]
         self._aliases = parameter_aliases(module)
-        self._replicated = replicated_parameters(module, plan)
-        prefix = name + "."
-        keep = {id(p) for n, p in module.named_parameters() if n in {r.name for r in self._replicated}}
-        keep |= {id(t) for n, t in module.named_buffers(remove_duplicate=False) if not n.startswith(prefix)}
-        local = plan.layers_of(self.stage)
-        for layer_name, layer in sequential.named_children():
-            if layer_name not in local:
-                _release(layer, keep=keep)
-        stage_module = StageModule(name, [(n, sequential._modules[n]) for n in local])
-        _install(module, name, stage_module)
+        self._replicated = replicated_parameters(module, holders)
+        # tied across stages: replicated, and read inside the pipelined module (by a stage's blocks)
+        read_inside = tensor_holders(module, lambda n: readers.get(n, set()) if n.startswith(prefix) else set())
+        self._tied = [r.name for r in self._replicated if read_inside[by_name[r.name]]]
+        self._replicated_buffers = [
+            (n, min(self._holders[n]), b.shape, b.dtype)
+            for n, b in module.named_buffers()
+            if len(self._holders.get(n, everyone)) > 1
+        ]
+        keep = {i for i, stages in holders.items() if self.stage in stages}
+
+        start = sum(plan.balance[: self.stage])
+        runner: StageRunner
+        if tm is not None:
+            self._detached = _detach(target, keep)
+            runner = tm.stage(start, start + plan.balance[self.stage])
+            runner.module_name = name
+            target.forward = runner.forward  # the user's calls of the module reach the stage
+            self._traced_module = target
+            if self.is_global_zero and (odd := runner.mode_dependent_ops()):
+                rank_zero_warn(
+                    f"{what} calls {odd[:4]} in its own code (not through an nn.Module such as nn.Dropout or "
+                    "nn.BatchNorm2d): the trace recorded them in the mode of the trace (training), so they behave so "
+                    "in validation too. Use the nn layers to have them follow train()/eval()"
+                )
+        else:
+            assert isinstance(target, nn.Sequential)
+            local = plan.layers_of(self.stage)
+            for layer_name, layer in target.named_children():
+                if layer_name not in local:
+                    _release(layer, keep=keep)
+            runner = StageModule(name, [(n, target._modules[n]) for n in local])
+            _install(module, name, runner)
+            self._sequential = target
         with _ties_kept(module):
-            _materialize_meta_tensors(module, self.root_device)
-        if not any(True for _ in module.parameters()):
+            _materialize_held(module, self.root_device, keep)
+        if isinstance(runner, TracedStage):
+            runner.rebind()
+        if not any(True for _ in runner.parameters()):
             raise PipelineConfigError(
-                f"stage {self.stage} holds layers {list(local)} of {name!r}, which have no parameters; choose a "
-                "balance that gives every stage a layer with parameters"
+                f"stage {self.stage} holds blocks {list(plan.layers_of(self.stage))} of {what}, which have no "
+                "parameters; choose a balance that gives every stage a block with parameters"
             )
-        self._plan, self._sequential = plan, sequential
+        self._plan = plan
         assert self._groups is not None
         comm = StageComm(
             self.stage, self._groups, self.root_device, self.p2p_timeout, self._get_process_group_backend()
         )
-        self._runtime = PipelineRuntime(self.stage, self.num_stages, stage_module, comm)
-        if self.is_global_zero:
-            counts = layer_parameter_counts(sequential)
-            rows = []
-            for s in range(plan.num_stages):
-                start = sum(plan.balance[:s])
-                layers = plan.layers_of(s)
-                rows.append(
-                    f"  stage {s}: layers {', '.join(layers)} ({sum(counts[start : start + len(layers)]):,} params)"
-                )
-            rank_zero_info(
-                f"{type(self).__name__}: schedule={self.schedule_name}, stages={self.num_stages}, "
-                f"micro-batches={self.num_microbatches}, pipelined module {name!r}, "
-                f"{len(self._replicated)} replicated parameters\n" + "\n".join(rows)
+        self._runtime = PipelineRuntime(self.stage, self.num_stages, runner, comm)
+        self.partition_table = self._table(plan, display, costs)
+        rank_zero_info(
+            f"{type(self).__name__}: schedule={self.schedule_name}, stages={w}, micro-batches={self.num_microbatches}, "
+            f"pipelined {what} ({'traced, ' if tm is not None else ''}{len(names)} blocks), "
+            f"{len(self._replicated)} replicated parameters\n" + format_table(self.partition_table)
+        )
+
+    def _agreed(self, sample: Any) -> Any:
+        """The sample, if every rank has one (each rank takes its own; the stages must decide alike)."""
+        if self.num_stages == 1:
+            return sample
+        assert self._groups is not None
+        have = torch.tensor([int(sample is not None)])
+        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=self._groups.control)
+        if sample is not None and not have.item():
+            self._sample_problem = "another stage could not take a sample batch"
+            return None
+        return sample
+
+    def _agree_on_costs(self, costs: BlockCosts) -> None:
+        """Every rank must cut alike: use the mean over the ranks of each block's measured cost."""
+        if self.num_stages == 1 or costs.seconds is None or costs.bytes is None:
+            return
+        assert self._groups is not None
+        mine = torch.tensor([costs.seconds, costs.bytes], dtype=torch.float64)
+        dist.all_reduce(mine, group=self._groups.control)
+        mine /= self.num_stages
+        costs.seconds = mine[0].tolist()
+        costs.bytes = [int(b) for b in mine[1].tolist()]
+
+    def _relative_split_points(self, name: str, target: nn.Module, tree: CallRecord) -> list[str]:
+        assert self.split_points is not None
+        prefix = f"{name}." if name else ""
+        relative = [p[len(prefix) :] if prefix and p.startswith(prefix) else p for p in self.split_points]
+        if len(relative) != self.num_stages - 1:
+            raise PartitionError(
+                f"split_points={self.split_points} gives {len(relative) + 1} stages, but there are {self.num_stages} "
+                f"devices; give {self.num_stages - 1} split points"
             )
+        known = {n for n, _ in target.named_modules() if n}
+        unknown = [p for p in relative if p not in known]
+        if unknown:
+            raise PartitionError(
+                f"split_points {unknown} name no submodule of {type(target).__name__}"
+                + (f" (names are relative to {name!r} or start with it)" if name else "")
+                + f"; some of its submodules: {sorted(known)[:12]}"
+            )
+        calls = {r.name: r.calls for r in walk_calls(tree)}
+        for point in relative:
+            if calls.get(point) != 1:
+                children = [f"{point}.{c}" for c, _ in target.get_submodule(point).named_children()]
+                hint = f" (e.g. its first block {children[0]!r})" if children and calls.get(children[0]) == 1 else ""
+                raise PartitionError(
+                    f"split point {point!r} is called {calls.get(point, 0)} times per forward; a split point must be "
+                    f"a submodule the forward calls exactly once{hint}"
+                )
+        order = [r.name for r in walk_calls(tree)]
+        if [order.index(p) for p in relative] != sorted(order.index(p) for p in relative):
+            raise PartitionError(f"split_points {self.split_points} must be given in the order the forward calls them")
+        return relative
+
+    def _table(self, plan: StagePlan, display: Sequence[str], costs: BlockCosts) -> list[list[str]]:
+        rows = [["stage", "layers", "parameters", "est. time", "device"]]
+        total = sum(costs.seconds) if costs.seconds else 0.0
+        for s in range(plan.num_stages):
+            start, count = sum(plan.balance[:s]), plan.balance[s]
+            shown = display[start] if count == 1 else f"{display[start]} .. {display[start + count - 1]} ({count})"
+            params = sum(costs.parameters[start : start + count])
+            share = f"{sum(costs.seconds[start : start + count]) / total:.0%}" if costs.seconds and total else "-"
+            devices = self.parallel_devices or []
+            device = devices[s] if s < len(devices) else self.root_device
+            rows.append([str(s), shown, f"{params:,}", share, str(device)])
+        return rows
+
+    def _sample_call(self, module: Any, target: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The arguments of the pipelined module's call in the user's step on the first batch, or ``None``.
+
+        Runs the step of the current stage of the Trainer (``training_step`` when fitting) on one batch from a
+        fresh dataloader until it calls the pipelined module (logging disabled, no gradients); the caller restores
+        every random state and buffer afterwards, so the run leaves no trace on training.
+        """
+        trainer = module.trainer
+        fn = getattr(trainer.state.fn, "value", "fit")
+        loop_name, hook = _SAMPLE_SOURCES.get(fn, _SAMPLE_SOURCES["fit"])
+        source = getattr(getattr(trainer, loop_name, None), "_data_source", None)
+        self._sample_problem = f"no {fn} dataloader"
+        if source is None or not source.is_defined():
+            return None
+        try:
+            batch = _first_batch(_first_loader(source.dataloader()))
+        except Exception as err:
+            self._sample_problem = f"taking a batch from the {fn} dataloader failed: {err!r}"
+            return None
+        if batch is None:
+            self._sample_problem = f"the {fn} dataloader is empty"
+            return None
+        batch = self.batch_to_device(batch, torch.device("cpu"))
+        captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+        def capture(*args: Any, **kwargs: Any) -> Any:
+            captured.append((args, kwargs))
+            raise StageBoundary
+
+        saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
+        module.log = module.log_dict = _ignore
+        target.forward = capture
+        try:
+            with torch.no_grad():
+                getattr(module, hook)(batch, 0)
+        except StageBoundary:
+            pass
+        except Exception as err:
+            self._sample_problem = f"{hook} failed on the sample batch before calling the module: {err!r}"
+        finally:
+            target.__dict__.pop("forward", None)
+            for k in ("log", "log_dict"):
+                module.__dict__.pop(k, None)
+            module.__dict__.update(saved)
+        if not captured:
+            if "failed" not in self._sample_problem:
+                self._sample_problem = (
+                    f"{hook} did not call it (a step must call the pipelined module, e.g. self(x) whose forward calls "
+                    "it; or name the module your step calls with module_name=...)"
+                )
+            return None
+        return captured[0]
+
+    def _sample_microbatch(self, sample: tuple[tuple[Any, ...], dict[str, Any]], traced: bool) -> Any:
+        try:
+            n = min(self.num_microbatches, batch_size(sample))
+        except ValueError:
+            n = 1
+        micro = split(sample, n)[0][0] if n > 1 else sample
+        return micro if traced else micro[0][0]
 
     def _replicated_here(self) -> list[nn.Parameter | None]:
         """This rank's copy of each replicated parameter (``None`` where its stage does not hold it).
@@ -508,12 +877,12 @@ class PipelineStrategyMixin:
         assert module is not None and self._plan is not None and self._groups is not None
         if self.num_stages == 1:
             return
-        prefix = self._plan.module_name + "."
         assert self._runtime is not None
         pairs: list[tuple[Tensor | None, int, torch.Size, torch.dtype]] = [
             (p, r.source, r.shape, r.dtype) for r, p in zip(self._replicated, self._replicated_local, strict=True)
         ]
-        pairs += [(b, 0, b.shape, b.dtype) for n, b in module.named_buffers() if not n.startswith(prefix)]
+        buffers = dict(module.named_buffers())
+        pairs += [(buffers.get(n), source, shape, dtype) for n, source, shape, dtype in self._replicated_buffers]
         with torch.no_grad():
             for tensor, source, shape, dtype in pairs:
                 wire = tensor.detach().cpu() if tensor is not None else torch.empty(shape, dtype=dtype)
@@ -522,22 +891,26 @@ class PipelineStrategyMixin:
                     tensor.copy_(wire)
 
     def _unpartition(self, gather: bool) -> None:
-        """Put the ``nn.Sequential`` back; with ``gather``, rank 0 gets every stage's trained tensors."""
-        module, plan, sequential, runtime = self.lightning_module, self._plan, self._sequential, self._runtime
-        if module is None or plan is None or sequential is None or runtime is None:
+        """Give the module back its own forward and layers; with ``gather``, every rank gets every stage's tensors
+        (so that the whole trained model is there after ``fit``, on rank 0 for the launcher to return, and on the
+        others for a later ``validate``/``test``/``predict`` in the same processes)."""
+        module, plan, runtime = self.lightning_module, self._plan, self._runtime
+        if module is None or plan is None or runtime is None:
             return
+        merged: dict[str, Tensor] = {}
         if gather and self.num_stages > 1:
-            tensors = {
-                f"{plan.module_name}.{n}": t.detach().cpu()
-                for n, t in [*runtime.module.named_parameters(), *runtime.module.named_buffers()]
-            }
-            parts = runtime.comm.gather_objects(tensors)
-            if parts is not None:
-                merged = {k: v for part in parts for k, v in part.items()}
-                for layer_name, layer in sequential.named_children():
-                    _fill(layer, f"{plan.module_name}.{layer_name}", merged)
-        _install(module, plan.module_name, sequential)
-        self._plan = self._sequential = self._runtime = None
+            parts = runtime.comm.all_gather_objects(self._own_state())
+            merged = {k: v for part in parts for k, v in part.items()}
+        if self._sequential is not None:
+            _install(module, plan.module_name, self._sequential)
+        if self._traced_module is not None:
+            self._traced_module.__dict__.pop("forward", None)
+            for sub, kind, attr, placeholder in self._detached:
+                getattr(sub, kind)[attr] = placeholder
+            self._detached = []
+        if merged:
+            _fill(module, "", merged)
+        self._plan = self._sequential = self._traced_module = self._runtime = None
 
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
@@ -918,12 +1291,17 @@ class PipelineStrategyMixin:
         return True
 
     def _own_state(self) -> dict[str, Tensor]:
-        module, runtime, plan = self.lightning_module, self._runtime, self._plan
-        assert module is not None and runtime is not None and plan is not None
-        prefix = plan.module_name + "."
-        # the last stage ran every user step to its end, so its replicated buffers (e.g. a head's batch-norm
-        # statistics) are the up-to-date ones
-        return {k: v.detach().cpu() for k, v in module.state_dict().items() if k.startswith(prefix) or runtime.is_last}
+        """The state-dict entries this stage contributes: those it is the last holder of (a replicated entry comes
+        from the latest stage that holds it: the last stage ran every user step to its end, so its replicated
+        buffers, e.g. a head's batch-norm statistics, are the up-to-date ones)."""
+        module = self.lightning_module
+        assert module is not None
+        everyone = set(range(self.num_stages))
+        return {
+            k: v.detach().cpu()
+            for k, v in module.state_dict().items()
+            if max(self._holders.get(k, everyone)) == self.stage
+        }
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full model's state dict on rank 0 (gathered from all stages), empty on the other ranks."""

@@ -24,7 +24,7 @@ from lightning.pytorch import seed_everything
 from torch.func import functional_call
 
 from lightning_timeprest.microbatch import split
-from lightning_timeprest.partition import plan_stages
+from lightning_timeprest.partition import plan_sequential
 from lightning_timeprest.schedules import Op, OpKind, Schedule, nf1b, pipedream_1f1b, simulate
 
 FORWARD_RULE = {"timeprest_v": "live", "timeprest": "vertical", "timeprest_i": "live", "pipedream": "live"}
@@ -48,7 +48,7 @@ def reference(
     seed_everything(0)
     model = models.StemNetHead(optimizer=optimizer)
     w = num_stages
-    plan = plan_stages("net", model.net, w, "parameters")
+    plan = plan_sequential("net", model.net, w, "parameters")
     owned: list[list[str]] = []
     for s in range(w):
         names = [

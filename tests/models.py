@@ -168,3 +168,72 @@ class ShortNet(StemNetHead):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+
+
+class Gate(nn.Module):
+    """A block of two inputs: what the pipeline must carry across a boundary is more than one tensor."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(h)) * mask
+
+
+class MultiInputNet(LightningModule):
+    """Not an ``nn.Sequential``: a forward with a keyword input, a skip connection over two blocks, an integer (the
+    batch size) computed on the first stage and used on the last, and a dict output. Split by tracing."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1, width: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed = nn.Linear(NUM_FEATURES, width)
+        self.gate = Gate(width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        batch = x.shape[0]
+        h = torch.tanh(self.embed(x))
+        g = self.gate(h, mask if mask is not None else torch.ones_like(h))
+        k = torch.tanh(self.mix(g)) + h  # h skips the gate's stage
+        logits = self.head(k).reshape(batch, -1)
+        return {"logits": logits, "aux": h.pow(2).mean()}
+
+    def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # (a traced module must be called alike in every step: here always with a mask)
+        return self(x, mask=(x[:, :1] > -2).float().expand(-1, self.hparams.width))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self._run(x)
+        loss = F.cross_entropy(out["logits"], y) + 0.01 * out["aux"]
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self._run(x)["logits"], y))
+
+    def predict_step(self, batch, batch_idx):
+        return self._run(batch[0])["logits"].argmax(dim=1)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self._run(x)["logits"], y))
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class Untraceable(StemNetHead):
+    """A forward that branches on a tensor's value: torch.export cannot capture it as one graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.stem(x))
+        if h.sum() > 0:
+            h = -h
+        return self.head(torch.tanh(self.net(h)))

@@ -21,7 +21,7 @@ from lightning_timeprest import PipelineConfigError, TiMePReStStrategy
         ({"schedule": "zigzag"}, "unknown schedule 'zigzag'; choose one of: gpipe, 1f1b"),
         ({"num_microbatches": 0}, "num_microbatches must be a positive integer"),
         ({"balance": "flops"}, "unknown balance 'flops'"),
-        ({"balance": [2, 0]}, "balance must list a positive layer count per stage"),
+        ({"balance": [2, 0]}, "balance must list a positive block count per stage"),
         ({"p2p_timeout": 0}, "p2p_timeout must be positive"),
         ({"schedule": "pipedream", "num_microbatches": 2}, r"pipedream treats every mini-batch as one unit \(N = 1\)"),
         ({"schedule": "timeprest_i", "backward_rule": "guess"}, "unknown backward_rule 'guess'"),
@@ -77,7 +77,7 @@ def test_more_stages_than_layers(tmp_path):
     start = time.monotonic()
     proc = run_script(tmp_path, "--model", "ShortNet", "--devices", "4", "--out", str(tmp_path / "x.pt"), check=False)
     assert proc.returncode != 0
-    assert "the pipelined module 'net' has 2 layers, too few for 4 stages" in proc.stderr
+    assert "the pipelined module 'net' has 2 blocks, too few for 4 stages" in proc.stderr
     assert "use at most 2 devices" in proc.stderr
     assert time.monotonic() - start < 120
 

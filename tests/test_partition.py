@@ -1,7 +1,14 @@
 import pytest
 from torch import nn
 
-from lightning_timeprest.partition import PartitionError, balance_by_cost, find_pipelined_module, plan_stages
+from lightning_timeprest.partition import (
+    BlockCosts,
+    PartitionError,
+    balance_by_cost,
+    find_pipelined_module,
+    plan_sequential,
+    plan_stages,
+)
 
 
 def test_balance_by_cost_is_optimal_and_contiguous():
@@ -27,27 +34,52 @@ class Model(nn.Module):
         self.head = nn.Linear(8, 2)
 
 
+class WithForward(Model):
+    def forward(self, x):
+        return self.head(self.big(self.small(x).repeat(1, 4)))
+
+
+class Wide(WithForward):
+    """Most parameters sit outside the nn.Sequential: the forward is traced instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 64)
+
+
 def test_find_pipelined_module_picks_the_largest_sequential():
-    name, seq = find_pipelined_module(Model())
-    assert name == "big" and len(seq) == 3
-    assert find_pipelined_module(Model(), "small")[0] == "small"
+    name, seq, traced = find_pipelined_module(Model())
+    assert (name, len(seq), traced) == ("big", 3, False)
+    assert find_pipelined_module(Model(), "small")[:1] == ("small",)
+    assert find_pipelined_module(WithForward())[0] == "big"
+
+
+def test_find_pipelined_module_traces_what_is_not_a_sequential():
+    root = Wide()
+    assert find_pipelined_module(root) == ("", root, True)
+    assert find_pipelined_module(Model(), "head")[2] is True  # a named module that is not an nn.Sequential
+    assert find_pipelined_module(Model(), "big", split_points=["big.2"])[2] is True
+    assert find_pipelined_module(WithForward(), split_points=["big"])[:1] == ("",)
 
 
 def test_find_pipelined_module_errors():
-    with pytest.raises(PartitionError, match="no nn.Sequential submodule to pipeline.*module_name"):
-        find_pipelined_module(nn.Linear(2, 2))
-    with pytest.raises(PartitionError, match="is a Linear, not an nn.Sequential"):
-        find_pipelined_module(Model(), "head")
+    with pytest.raises(PartitionError, match="defines no forward to pipeline and holds no nn.Sequential"):
+        find_pipelined_module(nn.ModuleDict({"a": nn.Linear(2, 2)}))
     with pytest.raises(PartitionError, match="names no submodule.*'small', 'big'"):
         find_pipelined_module(Model(), "nope")
 
 
 def test_plan_stages():
-    _, seq = find_pipelined_module(Model())
-    plan = plan_stages("big", seq, 2, "parameters")
+    _, seq, _ = find_pipelined_module(Model())
+    plan = plan_sequential("big", seq, 2, "parameters")
     assert plan.balance == (1, 2) and plan.layers_of(1) == ("1", "2")
-    assert plan_stages("big", seq, 2, [2, 1]).layers_of(0) == ("0", "1")
-    with pytest.raises(PartitionError, match="has 3 layers, too few for 4 stages"):
-        plan_stages("big", seq, 4, "parameters")
+    assert plan_sequential("big", seq, 2, [2, 1]).layers_of(0) == ("0", "1")
+    with pytest.raises(PartitionError, match="has 3 blocks, too few for 4 stages"):
+        plan_sequential("big", seq, 4, "parameters")
     with pytest.raises(PartitionError, match=r"balance=\[1, 1\] does not fit"):
-        plan_stages("big", seq, 2, [1, 1])
+        plan_sequential("big", seq, 2, [1, 1])
+    costs = BlockCosts([1, 1, 1], seconds=[5.0, 1.0, 1.0], bytes=[1, 1, 10])
+    assert plan_stages("big", ["0", "1", "2"], 2, "time", costs).balance == (1, 2)
+    assert plan_stages("big", ["0", "1", "2"], 2, "memory", costs).balance == (2, 1)
+    with pytest.raises(PartitionError, match="needs a profile of each block"):
+        plan_stages("big", ["0", "1", "2"], 2, "time", BlockCosts([1, 1, 1]))

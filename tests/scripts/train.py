@@ -109,7 +109,9 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--model", default="StemNetHead")
     p.add_argument("--empty-init", action="store_true")
-    p.add_argument("--balance", default=None, help="comma-separated layer counts")
+    p.add_argument("--balance", default=None, help="comma-separated layer counts, or parameters|time|memory")
+    p.add_argument("--module-name", default=None, help="the pipelined submodule ('' for the forward)")
+    p.add_argument("--split-points", default=None, help="comma-separated submodule names")
     p.add_argument("--die-rank", type=int, default=-1)
     p.add_argument("--die-step", type=int, default=-1)
     p.add_argument("--save-final", default=None, help="trainer.save_checkpoint(PATH) after fit")
@@ -127,7 +129,9 @@ def main() -> None:
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1))
     if args.devices > 0:
-        balance = [int(b) for b in args.balance.split(",")] if args.balance else "parameters"
+        balance = args.balance or "parameters"
+        if balance[0].isdigit():
+            balance = [int(b) for b in balance.split(",")]
         significance = {"one": constant_one, "zero": constant_zero}.get(args.significance, args.significance)
         strategy = TiMePReStStrategy(
             schedule=args.schedule,
@@ -137,6 +141,8 @@ def main() -> None:
             significance=significance,
             backward_rule=args.rule,
             dynamic=args.dynamic,
+            module_name=args.module_name,
+            split_points=args.split_points.split(",") if args.split_points else None,
         )
         kw = {"strategy": strategy, "devices": args.devices}
     else:
@@ -182,6 +188,7 @@ def main() -> None:
         "epochs": record.epochs,
         "global_step": trainer.global_step,
         "pipeline": record.pipeline,
+        "table": getattr(trainer.strategy, "partition_table", None),
     }
     if args.predict:
         eval_batch = args.eval_batch_size or args.batch_size

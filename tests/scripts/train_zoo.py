@@ -1,0 +1,104 @@
+"""Train a thin copy of one of the example models (VGG-16, ResNet-50, GPT; ordinary nn.Modules, split by tracing)
+under several schedules, one ``fit`` after another in the same processes; the tests run this script.
+
+With ``--devices 0`` it trains on one device with the batch cut into ``--n`` micro-batches by the data loader and
+gradients accumulated over them: the single-device training the synchronous schedules must equal, batch-norm
+statistics included (they are per micro-batch in a pipeline). Rank 0 saves, per schedule, the final state dict,
+the partition table and the logged metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import lightning_timeprest  # noqa: F401  (registers the strategies)
+from examples.gpt import GPTLanguageModel, make_markov_tokens
+from examples.vision import ImageClassifier, make_cifar_like
+from lightning_timeprest import TiMePReStStrategy
+
+
+def model_and_data(name: str, samples: int) -> tuple[torch.nn.Module, TensorDataset]:
+    if name == "gpt":
+        tokens = make_markov_tokens(samples, 17, vocab_size=65, seed=0)
+        data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+        return GPTLanguageModel(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0), data
+    data = make_cifar_like(samples, num_classes=10, seed=0)
+    kwargs = {"dropout": 0.0} if name == "vgg16" else {}
+    model = ImageClassifier(arch=name, num_classes=10, width=1 / 16, lr=float(os.environ.get("ZOO_LR", "0.01")))
+    if kwargs:  # the reference and the pipeline draw dropout masks from different random streams: none here
+        from examples.vision import VGG16
+
+        model.model = VGG16(num_classes=10, width=1 / 16, **kwargs)
+    return model, data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True, choices=["vgg16", "resnet50", "gpt"])
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--schedules", default="gpipe")
+    p.add_argument("--n", type=int, default=2, help="micro-batches (pipedream always uses 1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--balance", default="parameters", help="parameters|time|memory or comma-separated counts")
+    p.add_argument("--split-points", default=None, help="comma-separated submodule names")
+    p.add_argument("--val", action="store_true")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--out", required=True, help="prefix of the output files")
+    args = p.parse_args()
+
+    for schedule in args.schedules.split(","):
+        seed_everything(0)
+        model, data = model_and_data(args.model, args.batch_size * args.steps)
+        if args.devices > 0:
+            balance = args.balance if not args.balance[0].isdigit() else [int(b) for b in args.balance.split(",")]
+            strategy = TiMePReStStrategy(
+                schedule=schedule,
+                num_microbatches=None if schedule == "pipedream" else args.n,
+                balance=balance,
+                split_points=args.split_points.split(",") if args.split_points else None,
+            )
+            kw = {"strategy": strategy, "devices": args.devices}
+            batch, accumulate = args.batch_size, 1
+        else:
+            kw = {"devices": 1}
+            batch, accumulate = args.batch_size // args.n, args.n
+        if args.devices == 0:
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{args.out}.initial.pt")
+        loader = DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+        val = DataLoader(data, batch_size=args.batch_size) if args.val else None
+        trainer = Trainer(
+            **kw,
+            accelerator="cpu",
+            precision=args.precision,
+            max_epochs=1,
+            accumulate_grad_batches=accumulate,
+            limit_val_batches=1.0 if args.val else 0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, loader, val)
+        if trainer.is_global_zero:
+            torch.save(
+                {
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    "table": getattr(trainer.strategy, "partition_table", None),
+                    "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+                },
+                f"{args.out}.{schedule}.pt",
+            )
+
+
+if __name__ == "__main__":
+    main()
