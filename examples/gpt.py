@@ -273,6 +273,8 @@ class TextDataModule(LightningDataModule):
 
 
 def main() -> None:
+    from summary import print_summary  # examples/summary.py, beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedule", default="gpipe", help="a pipeline schedule, or 'auto' for one device")
     parser.add_argument("--devices", type=int, default=2, help="pipeline stages (one process each)")
@@ -302,10 +304,11 @@ def main() -> None:
         enable_checkpointing=False,
     )
     trainer.fit(model, datamodule=data)
-    if trainer.is_global_zero:
-        metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
-        uniform = math.log(data.vocab_size)
-        print(f"\nfinished: {args.devices} stages, schedule {args.schedule}: {metrics} (uniform guess: {uniform:.4f})")
+    print_summary(
+        trainer,
+        f"{args.devices} stages, schedule {args.schedule}",
+        f" (uniform guess: {math.log(data.vocab_size):.4f})",
+    )
 
 
 if __name__ == "__main__":

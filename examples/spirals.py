@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 from torchmetrics.classification import MulticlassAccuracy
 
-import lightning_timeprest  # noqa: F401  (registers strategy="gpipe", "1f1b")
+import lightning_timeprest  # registers strategy="gpipe", "1f1b", "timeprest_i", ...
 
 
 def make_spirals(num_samples: int = 3000, num_classes: int = 5, noise: float = 0.3, seed: int = 0) -> TensorDataset:
@@ -95,8 +95,10 @@ class SpiralClassifier(LightningModule):
 
 
 def main() -> None:
+    from summary import print_summary  # examples/summary.py, beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--schedule", default="gpipe", choices=["gpipe", "1f1b"])
+    parser.add_argument("--schedule", default="gpipe", choices=list(lightning_timeprest.SCHEDULES))
     parser.add_argument("--devices", type=int, default=2, help="pipeline stages (one process each)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--data", default=None, help="a CSV file: feature columns, then an integer label")
@@ -116,9 +118,7 @@ def main() -> None:
         enable_checkpointing=False,
     )
     trainer.fit(model, datamodule=data)
-    if trainer.is_global_zero:
-        metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
-        print(f"\nfinished: {args.devices} stages, schedule {args.schedule}: {metrics}")
+    print_summary(trainer, f"{args.devices} stages, schedule {args.schedule}")
 
 
 if __name__ == "__main__":

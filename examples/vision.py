@@ -417,6 +417,8 @@ class CIFAR10DataModule(LightningDataModule):
 
 
 def main() -> None:
+    from summary import print_summary  # examples/summary.py, beside this script
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50", choices=sorted(ARCHITECTURES))
     parser.add_argument("--schedule", default="gpipe", help="a pipeline schedule, or 'auto' for one device")
@@ -444,9 +446,7 @@ def main() -> None:
         enable_checkpointing=False,
     )
     trainer.fit(model, datamodule=data)
-    if trainer.is_global_zero:
-        metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
-        print(f"\nfinished: {args.arch} width {args.width}, {args.devices} stages, schedule {args.schedule}: {metrics}")
+    print_summary(trainer, f"{args.arch} width {args.width}, {args.devices} stages, schedule {args.schedule}")
 
 
 if __name__ == "__main__":

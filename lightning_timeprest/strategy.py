@@ -482,6 +482,9 @@ class PipelineStrategyMixin:
     def model_to_device(self) -> None:
         # released tensors (other stages' parts) stay on the meta device
         assert self.model is not None
+        if not any(t.is_meta for t in [*self.model.parameters(), *self.model.buffers()]):
+            super().model_to_device()
+            return
         device = self.root_device
         self.model._apply(lambda t: t if t.is_meta else t.to(device))
         _update_properties(self.model, device=device)
@@ -686,6 +689,11 @@ class PipelineStrategyMixin:
             if len(self._holders.get(n, everyone)) > 1
         ]
         keep = {i for i, stages in holders.items() if self.stage in stages}
+        if not any(self.stage in readers.get(n, ()) for n, _ in module.named_parameters(remove_duplicate=False)):
+            raise PipelineConfigError(
+                f"stage {self.stage} holds blocks {list(plan.layers_of(self.stage))} of {what}, which have no "
+                "parameters; choose a balance that gives every stage a block with parameters"
+            )
 
         start = sum(plan.balance[: self.stage])
         runner: StageRunner
@@ -714,11 +722,6 @@ class PipelineStrategyMixin:
             _materialize_held(module, self.root_device, keep)
         if isinstance(runner, TracedStage):
             runner.rebind()
-        if not any(True for _ in runner.parameters()):
-            raise PipelineConfigError(
-                f"stage {self.stage} holds blocks {list(plan.layers_of(self.stage))} of {what}, which have no "
-                "parameters; choose a balance that gives every stage a block with parameters"
-            )
         self._plan = plan
         assert self._groups is not None
         comm = StageComm(

@@ -216,10 +216,19 @@ def trace(
         )
     in_spec = program.call_spec.in_spec
     out_spec = program.call_spec.out_spec
+    # what must stay as traced: the non-batch shape of each tensor input, the value of each plain input
     sample_shapes = [
-        tuple(leaf.shape[1:]) if isinstance(leaf, Tensor) else None for leaf in pytree.tree_leaves((args, kwargs))
+        (("batch", *leaf.shape[1:]) if leaf.dim() > 0 and leaf.shape[0] == batch else tuple(leaf.shape))
+        if isinstance(leaf, Tensor)
+        else _Constant(leaf)
+        for leaf in pytree.tree_leaves((args, kwargs))
     ]
     return TracedModel(module, split_gm.graph, blocks, in_spec, out_spec, sample_shapes, what)
+
+
+@dataclass(frozen=True)
+class _Constant:
+    value: Any
 
 
 class TracedModel:
@@ -232,7 +241,7 @@ class TracedModel:
         blocks: list[nn.Module],
         in_spec: Any,
         out_spec: Any,
-        sample_shapes: list[tuple[int, ...] | None],
+        sample_shapes: list[tuple[Any, ...] | _Constant],
         what: str,
     ) -> None:
         self.module = module
@@ -375,11 +384,19 @@ class TracedStage(StageRunner):
                 f"{spec}; call it the same way in every step"
             )
         for i, (leaf, shape) in enumerate(zip(leaves, self._model.sample_shapes, strict=True)):
-            if shape is not None and isinstance(leaf, Tensor) and tuple(leaf.shape[1:]) != shape:
+            if isinstance(shape, _Constant):
+                if isinstance(leaf, Tensor) or leaf != shape.value:
+                    raise RuntimeError(
+                        f"input {i} of {self._model.what} was traced as {shape.value!r} and is now {leaf!r}; the trace "
+                        "fixes plain Python arguments, so pass the same value in every step (or pass a tensor)"
+                    )
+            elif not isinstance(leaf, Tensor) or (
+                tuple(leaf.shape[1:]) != shape[1:] if shape[:1] == ("batch",) else tuple(leaf.shape) != shape
+            ):
                 raise RuntimeError(
-                    f"input {i} of {self._model.what} has shape {tuple(leaf.shape)}, but it was traced with "
-                    f"(batch, {', '.join(map(str, shape))}); only the batch dimension may change between steps "
-                    "(pad or crop to the traced size)"
+                    f"input {i} of {self._model.what} is {getattr(leaf, 'shape', type(leaf).__name__)}, but it was "
+                    f"traced with shape {shape}; only the batch dimension may change between steps (pad or crop to "
+                    "the traced size)"
                 )
         return tuple(leaves)
 

@@ -95,7 +95,7 @@ def test_several_values_cross_a_boundary_and_skip_a_stage():
     torch.testing.assert_close(out["aux"], expected["aux"])
     with pytest.raises(RuntimeError, match="was traced for calls shaped"):
         stages[0].entry((x,), {})
-    with pytest.raises(RuntimeError, match="only the batch dimension may change"):
+    with pytest.raises(RuntimeError, match=r"traced with shape \(.batch., 8\); only the batch dimension may change"):
         stages[0].entry((torch.randn(4, 9),), {"mask": mask})
 
 
@@ -219,3 +219,35 @@ def test_partition_table_is_printed_with_measured_time_shares(tmp_path):
     assert all(row[4] == "cpu" for row in table[1:])
     printed = proc.stdout + proc.stderr
     assert "stage  layers" in printed and "est. time" in printed and "net.0 .. " in printed
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "timeprest_i"])
+def test_traced_checkpoint_loads_in_one_process_and_resumes_exactly(tmp_path, schedule):
+    args = ("--model", "MultiInputNet", "--devices", "2", "--split-points", "mix", "--schedule", schedule)
+    args += ("--n", "2", "--optimizer", "adam", "--epochs", "2")
+    full = train(tmp_path, "full", *args, "--ckpt-dir", str(tmp_path / "ckpts"))
+    last = tmp_path / "ckpts" / "epoch=1-step=12.ckpt"
+    model = MultiInputNet.load_from_checkpoint(last)
+    assert list(model.state_dict()) == list(MultiInputNet().state_dict())  # the original keys
+    assert_same_params(model.state_dict(), full["state_dict"], atol=0)
+    resumed = train(tmp_path, "resumed", *args, "--resume", str(tmp_path / "ckpts" / "epoch=0-step=6.ckpt"))
+    assert resumed["global_step"] == 12
+    assert_same_params(resumed["state_dict"], full["state_dict"], atol=0)
+
+
+def test_plain_arguments_are_fixed_by_the_trace():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, scale: float = 1.0):
+            return self.b(self.a(x) * scale)
+
+    model = Scaled()
+    x = torch.randn(4, 4)
+    traced = trace(model, (x,), {"scale": 2.0}, ["b"], "Scaled")
+    first, last = traced.stage(0, 1), traced.stage(1, 2)
+    torch.testing.assert_close(last.run_layers(first.run_layers(first.entry((x,), {"scale": 2.0}))), model(x, 2.0))
+    with pytest.raises(RuntimeError, match="was traced as 2.0 and is now 3.0"):
+        first.entry((x,), {"scale": 3.0})
