@@ -22,10 +22,12 @@ Two details keep the user's model semantics:
 from __future__ import annotations
 
 import inspect
+import io
+import logging
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,16 +167,42 @@ def _dynamic_shapes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
 
 
 def _explain(err: BaseException, what: str) -> PartitionError:
-    lines = [line for line in str(err).splitlines() if line.strip()][:12]
-    cause = err.__cause__ or err
-    detail = "\n    ".join(lines) or type(cause).__name__
+    """torch.export's reason in a few lines: its first line and the user code it points at."""
+    lines = str(err).splitlines()
+    head = next((line.strip() for line in lines if line.strip()), "")
+    where = []
+    for i, line in enumerate(lines):
+        if line.strip().startswith('File "') and "site-packages" not in line and "/torch/" not in line:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            where.append(f"{line.strip()}: {code}" if code and not code.startswith("File") else line.strip())
+    detail = f"{type(err).__name__}: {head}" + "".join(f"\n    at {w}" for w in where[-3:])
+    if any("specialized it to be a constant" in line for line in lines):
+        detail += (
+            "\n    the forward works for one batch size only (a view or reshape with a literal size, or a branch on "
+            "the batch size)"
+        )
     return PartitionError(
-        f"cannot trace the forward of {what} into a graph to split into stages (torch.export failed):\n    {detail}\n"
+        f"cannot trace {what} into a graph to split into stages (torch.export failed):\n    {detail}\n"
         "Ways out: name a submodule whose forward can be traced with TiMePReStStrategy(module_name=...) (the code "
         "around it stays in your step and runs on the first and last stages); or remove the construct torch.export "
         "reports (Python control flow on tensor values or on the batch size, a shape fixed to one batch size such "
         "as x.view(64, -1): use x.flatten(1)); or put the layers in an nn.Sequential, which needs no tracing"
     )
+
+
+@contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch.export logs the graph of a forward it cannot capture; the error this module raises says it briefly."""
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.split(".")[0] == "torch"]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with redirect_stderr(io.StringIO()):  # (the graph dump of a failed trace is printed, not logged)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def trace(
@@ -193,7 +221,7 @@ def trace(
         dynamic = _dynamic_shapes(module, args, kwargs, batch)
     except TypeError as err:
         raise PartitionError(f"the sample call does not match the signature of {what}.forward: {err}") from None
-    with _split_markers(module, boundaries), warnings.catch_warnings():
+    with _split_markers(module, boundaries), warnings.catch_warnings(), _quiet_torch():
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
