@@ -54,6 +54,7 @@ from lightning_timeprest.partition import (
     StagePlan,
     find_pipelined_module,
     format_table,
+    layer_parameter_counts,
     parameter_aliases,
     plan_stages,
     profile_blocks,
@@ -642,7 +643,7 @@ class PipelineStrategyMixin:
                 assert isinstance(target, nn.Sequential)
                 blocks = list(target)
                 runs = list(blocks)
-                costs = BlockCosts([sum(p.numel() for p in layer.parameters()) for layer in blocks])
+                costs = BlockCosts(layer_parameter_counts(target))
                 names = [n for n, _ in target.named_children()]
                 display = [prefix + n for n in names]
             if sample is not None and not meta:
