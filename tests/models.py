@@ -28,7 +28,9 @@ def loader(batch_size: int = 18, num_samples: int = 100, drop_last: bool = False
 class StemNetHead(LightningModule):
     """A stem and a head outside the pipelined ``net`` (replicated), 4 parameterised layers inside it."""
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.1, width: int = 16, batch_dict: bool = False) -> None:
+    def __init__(
+        self, optimizer: str = "sgd", lr: float = 0.1, width: int = 16, batch_dict: bool = False, scheduler: str = ""
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.stem = nn.Linear(NUM_FEATURES, width)
@@ -75,8 +77,13 @@ class StemNetHead(LightningModule):
 
     def configure_optimizers(self):
         if self.hparams.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        if self.hparams.scheduler == "step":  # the rate halves every 2 optimizer steps
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer
 
 
 class DictBatch(torch.utils.data.Dataset):

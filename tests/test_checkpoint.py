@@ -85,3 +85,15 @@ def test_save_checkpoint_after_fit(pipelined_run):
     for i, state in last["optimizer_states"][0]["state"].items():
         for key, value in state.items():
             assert torch.equal(final["optimizer_states"][0]["state"][i][key], value)
+
+
+@pytest.mark.parametrize("devices", ["3", "0"])
+def test_checkpoint_resumes_with_another_number_of_stages(pipelined_run, tmp_path, devices):
+    """Written by 2 stages, resumed by 3 stages, or by plain Lightning on one device (devices 0): the checkpoint is
+    the whole model and one whole-model optimizer state, so any partition continues exactly."""
+    tmp, full = pipelined_run
+    resumed = train(
+        tmp_path, "resharded", *ARGS, "--devices", devices, "--resume", str(tmp / "ckpts" / "epoch=0-step=6.ckpt")
+    )
+    assert resumed["global_step"] == full["global_step"] == 18
+    assert_same_params(full["state_dict"], resumed["state_dict"], atol=1e-6)

@@ -14,8 +14,8 @@ import time
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -118,6 +118,12 @@ def main() -> None:
     p.add_argument("--significance", default="exp", help="exp|inverse|power|one|zero")
     p.add_argument("--rule", default="graph")
     p.add_argument("--dynamic", action="store_true")
+    p.add_argument("--scheduler", default="", help="step: StepLR stepping every optimizer step")
+    p.add_argument("--logger", default="csv", help="csv|tensorboard")
+    p.add_argument("--rich", action="store_true", help="Lightning's rich progress bar")
+    p.add_argument("--lr-monitor", action="store_true")
+    p.add_argument("--early-stop", type=int, default=-1, help="EarlyStopping on val_loss with this patience")
+    p.add_argument("--best-ckpt", default=None, help="ModelCheckpoint(monitor='val_loss') into this directory")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -128,6 +134,17 @@ def main() -> None:
         callbacks.append(Die(args.die_rank, args.die_step))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1))
+    best = None
+    if args.best_ckpt:
+        best = ModelCheckpoint(dirpath=args.best_ckpt, monitor="val_loss", mode="min", save_top_k=1)
+        callbacks.append(best)
+    if args.early_stop >= 0:
+        # an improvement must be large to count, so it stops after patience + 1 validations
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=args.early_stop, min_delta=10.0))
+    if args.lr_monitor:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if args.rich:
+        callbacks.append(RichProgressBar())
     if args.devices > 0:
         balance = args.balance or "parameters"
         if balance[0].isdigit():
@@ -156,10 +173,10 @@ def main() -> None:
         limit_val_batches=1.0 if args.val else 0,
         num_sanity_val_steps=2 if args.val else 0,
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=os.getcwd(), name="logs"),
+        logger=(TensorBoardLogger if args.logger == "tensorboard" else CSVLogger)(save_dir=os.getcwd(), name="logs"),
         log_every_n_steps=1,
-        enable_checkpointing=bool(args.ckpt_dir),
-        enable_progress_bar=False,
+        enable_checkpointing=bool(args.ckpt_dir or args.best_ckpt),
+        enable_progress_bar=args.rich,
         enable_model_summary=False,
     )
     if args.model == "DictBatch":
@@ -167,6 +184,8 @@ def main() -> None:
     else:
         cls = getattr(models, args.model)
         kwargs = {"optimizer": args.optimizer} if "optimizer" in cls.__init__.__code__.co_varnames else {}
+        if args.scheduler:
+            kwargs["scheduler"] = args.scheduler
     with trainer.init_module(empty_init=True) if args.empty_init else contextlib.nullcontext():
         model = cls(**kwargs)
     created_on_meta = all(p.is_meta for p in model.parameters()) if args.empty_init else None
@@ -189,6 +208,8 @@ def main() -> None:
         "global_step": trainer.global_step,
         "pipeline": record.pipeline,
         "table": getattr(trainer.strategy, "partition_table", None),
+        "best": (best.best_model_path, float(best.best_model_score)) if best is not None else None,
+        "logged": {k: float(v) for k, v in trainer.logged_metrics.items()},
     }
     if args.predict:
         eval_batch = args.eval_batch_size or args.batch_size
@@ -198,6 +219,8 @@ def main() -> None:
     if trainer.is_global_zero:
         torch.save(result, args.out)
     if args.devices > 0 and hasattr(record, "placement"):
+        record.placement["global_step"] = trainer.global_step
+        record.placement["stopped"] = trainer.should_stop
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
