@@ -164,6 +164,25 @@ _SAMPLE_SOURCES = {
 }
 
 
+class _AgreeingStep:
+    """``GradScaler.step`` after the stages agreed on whether any of them found inf/NaN gradients (every stage then
+    skips the step, and ``update()`` changes the scale alike everywhere)."""
+
+    def __init__(self, step: Callable[..., Any], strategy: Any) -> None:
+        self.step, self.strategy = step, strategy
+
+    def __call__(self, optimizer: Optimizer, *args: Any, **kwargs: Any) -> Any:
+        scaler = self.step.__self__
+        state = scaler._per_optimizer_states[id(optimizer)]
+        found = state.get("found_inf_per_device", {})
+        flag = torch.tensor([float(sum(float(v.item()) for v in found.values()))])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.strategy._groups.control)
+        if flag.item() > 0:
+            for value in found.values():
+                value.fill_(1.0)
+        return self.step(optimizer, *args, **kwargs)
+
+
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -516,10 +535,44 @@ class PipelineStrategyMixin:
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+            self._hook_precision()
         self._failed = False
         self._engine = None
         if fitting and self.is_asynchronous:
             self._start_engine(module)
+
+    def _hook_precision(self) -> None:
+        """Make clipping and loss scaling see the whole pipeline, not one stage: the gradient norm is that of all
+        stages' gradients, and a step that overflows on any stage is skipped on every stage."""
+        if self.num_stages == 1:
+            return
+        plugin = self.precision_plugin
+        plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
+        scaler = getattr(plugin, "scaler", None)
+        if scaler is not None:
+            scaler.step = _AgreeingStep(scaler.step, self)  # type: ignore[method-assign]
+
+    def _unhook_precision(self) -> None:
+        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.__dict__.pop("step", None)
+
+    def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
+        """``torch.nn.utils.clip_grad_norm_`` over the parameters of all stages (a replicated parameter counts once,
+        on the stage its copies come from)."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        here = zip(self._replicated, self._replicated_local, strict=True)
+        copies = {id(p) for r, p in here if r.source != self.stage}
+        squares = torch.zeros(1, dtype=torch.float64)
+        for p in params:
+            if id(p) not in copies:
+                squares += p.grad.detach().double().pow(2).sum().cpu()
+        assert self._groups is not None
+        dist.all_reduce(squares, group=self._groups.control)
+        coefficient = min(float(clip_val) / (float(squares.sqrt()) + 1e-6), 1.0)
+        for p in params:
+            p.grad.detach().mul_(coefficient)
 
     def setup_optimizers(self, trainer: Any) -> None:
         try:
@@ -541,14 +594,15 @@ class PipelineStrategyMixin:
                 "manual optimization (automatic_optimization = False) is not supported by pipeline strategies: the "
                 "pipeline runs the forward and backward passes itself; use automatic optimization"
             )
-        if getattr(self.precision_plugin, "scaler", None) is not None:
+        if self.is_asynchronous and getattr(self.precision_plugin, "scaler", None) is not None:
             raise PipelineConfigError(
-                "precision='16-mixed' (loss scaling) is not supported yet; use precision='32-true' or 'bf16-mixed'"
+                "precision='16-mixed' (loss scaling) is not supported yet with the asynchronous "
+                f"{self.schedule_name!r}; use 'bf16-mixed' or '32-true', or schedule='gpipe' or '1f1b'"
             )
-        if fitting and trainer.gradient_clip_val:
+        if fitting and self.is_asynchronous and trainer.gradient_clip_val:
             raise PipelineConfigError(
-                "gradient_clip_val is not supported yet by pipeline strategies (clipping must see all stages' "
-                "gradients); remove gradient_clip_val"
+                f"gradient_clip_val is not supported yet with the asynchronous {self.schedule_name!r} (each stage "
+                "steps inside the pipeline, at its own time); remove it, or use schedule='gpipe' or '1f1b'"
             )
 
     def _check_asynchronous(self, trainer: Any) -> None:
@@ -924,6 +978,7 @@ class PipelineStrategyMixin:
         if not self._failed and self._runtime is not None:
             self._drain()
             self._final_optimizer_states = {id(o): self.optimizer_state(o) for o in self.optimizers}
+        self._unhook_precision()
         self._unpartition(gather=not self._failed)
         for metric, group in self._metric_groups_before.items():
             metric.process_group = group
@@ -1259,7 +1314,9 @@ class PipelineStrategyMixin:
         n = self.num_microbatches if train else min(self.num_microbatches, batch_size(batch))
         microbatches, sizes = split(batch, n)
         total = sum(sizes)
-        weights = [size / total / module.trainer.accumulate_grad_batches for size in sizes]
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if train and scaler is not None else 1.0  # 16-mixed: the scaled loss
+        weights = [size / total / module.trainer.accumulate_grad_batches * scale for size in sizes]
         capture = metrics.LogCapture(module)
         step = getattr(module, hook)
 

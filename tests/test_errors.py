@@ -56,15 +56,27 @@ def _fit_one_process(model, batch_size: int = 18, schedule: str = "gpipe", **tra
     [
         (ManualOptimization, {}, r"manual optimization \(automatic_optimization = False\) is not supported"),
         (TwoOptimizers, {}, "configure_optimizers must return exactly one optimizer for a pipeline strategy"),
-        (StemNetHead, {"gradient_clip_val": 1.0}, "gradient_clip_val is not supported yet"),
-        # what precision="16-mixed" gives on a GPU: autocast with a loss scaler
-        (StemNetHead, {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}, "16-mixed"),
     ],
 )
 def test_unsupported_setups_fail_at_start(model, trainer_kwargs, message):
     instance = model()
     with pytest.raises(PipelineConfigError, match=message):
         _fit_one_process(instance, **trainer_kwargs)
+    assert instance.trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs, message",
+    [
+        ({"gradient_clip_val": 1.0}, "gradient_clip_val is not supported yet with the asynchronous 'timeprest_i'"),
+        # what precision="16-mixed" gives on a GPU: autocast with a loss scaler
+        ({"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}, "16-mixed"),
+    ],
+)
+def test_asynchronous_policies_refuse_clipping_and_loss_scaling(trainer_kwargs, message):
+    instance = StemNetHead()
+    with pytest.raises(PipelineConfigError, match=message):
+        _fit_one_process(instance, schedule="timeprest_i", **trainer_kwargs)
     assert instance.trainer.global_step == 0
 
 

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,6 +79,17 @@ def constant_zero(d: int) -> float:
     return 0.0
 
 
+class Overflow(Callback):
+    """Makes one rank's gradients of the first step infinite, as a float16 overflow on one stage would."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_rank == self.rank and trainer.global_step == 0:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+
 class Die(Callback):
     """Kills one rank abruptly in the middle of training (a crashed stage)."""
 
@@ -124,6 +136,11 @@ def main() -> None:
     p.add_argument("--lr-monitor", action="store_true")
     p.add_argument("--early-stop", type=int, default=-1, help="EarlyStopping on val_loss with this patience")
     p.add_argument("--best-ckpt", default=None, help="ModelCheckpoint(monitor='val_loss') into this directory")
+    p.add_argument("--clip", type=float, default=None, help="gradient_clip_val")
+    p.add_argument("--clip-algorithm", default="norm")
+    p.add_argument("--fp16", action="store_true", help="16-mixed on the CPU: autocast to float16 and a GradScaler")
+    p.add_argument("--init-scale", type=float, default=2.0**16)
+    p.add_argument("--inf-rank", type=int, default=-1, help="this rank's first gradients become inf (a lone overflow)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -145,6 +162,11 @@ def main() -> None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if args.rich:
         callbacks.append(RichProgressBar())
+    if args.inf_rank >= 0:
+        callbacks.append(Overflow(args.inf_rank))
+    plugins = []
+    if args.fp16:
+        plugins.append(MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=args.init_scale)))
     if args.devices > 0:
         balance = args.balance or "parameters"
         if balance[0].isdigit():
@@ -170,6 +192,9 @@ def main() -> None:
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip,
+        gradient_clip_algorithm=args.clip_algorithm,
+        plugins=plugins,
         limit_val_batches=1.0 if args.val else 0,
         num_sanity_val_steps=2 if args.val else 0,
         callbacks=callbacks,
@@ -221,6 +246,8 @@ def main() -> None:
     if args.devices > 0 and hasattr(record, "placement"):
         record.placement["global_step"] = trainer.global_step
         record.placement["stopped"] = trainer.should_stop
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        record.placement["scale"] = float(scaler.get_scale()) if scaler is not None else None
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
