@@ -58,6 +58,7 @@ class _MiniBatch:
     call_user: Callable[[int], Any] | None
     weights: Sequence[float]
     sizes: Sequence[int]
+    lrs: list[Any] = field(default_factory=list)  # the optimizer's learning rates when the mini-batch entered
     micro: dict[int, _Micro] = field(default_factory=dict)
     outputs: list[Any] = field(default_factory=list)  # last stage: what the user's step returned, per micro-batch
 
@@ -139,6 +140,8 @@ class AsyncRuntime:
         self._call_names = [f"m.{n}" for n in self.store.names]  # the names functional_call replaces, via _Call
         # (a traced stage reads the user's modules' own tensor tables, so replacing tensors there reaches it too)
         self._call = _Call(root)
+        #: the learning rates of each update this stage made, in order (one update per mini-batch)
+        self.learning_rates: list[list[Any]] = []
         #: per stream (one per drain), per op as it ran on this stage
         self.trace: list[list[TraceEntry]] = [[]]
         self.trained: set[int] = set()  # indexes into store.params that received a gradient
@@ -172,7 +175,7 @@ class AsyncRuntime:
         backward (and optimizer step) completed on this stage."""
         k = self.newest + 1
         self.newest = k
-        self.pending[k] = _MiniBatch(k, call_user, weights, sizes)
+        self.pending[k] = _MiniBatch(k, call_user, weights, sizes, [g["lr"] for g in self.optimizer.param_groups])
         done_before = self.next_backward
         if self.dynamic:
             self._run_dynamic(k)
@@ -339,8 +342,19 @@ class AsyncRuntime:
         for record in mb.micro.values():  # the backward is done: its stale version is needed no more
             if record.pinned:
                 self.store.unpin(record.version)
-        with self.store.stepping():
-            self.optimizer.step()
+        # the update of mini-batch m uses the learning rates of the step m entered in, on every stage (a scheduler
+        # has moved on by the time a stage steps for it, by as many steps as the stage is behind)
+        groups = self.optimizer.param_groups
+        current = [g["lr"] for g in groups]
+        for g, lr in zip(groups, mb.lrs, strict=True):
+            g["lr"] = lr
+        self.learning_rates.append([g["lr"] for g in groups])  # what optimizer.step() reads
+        try:
+            with self.store.stepping():
+                self.optimizer.step()
+        finally:
+            for g, lr in zip(groups, current, strict=True):
+                g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
 
     def _backward_last(self, mb: _MiniBatch) -> None:

@@ -172,3 +172,16 @@ def test_a_stage_that_dies_mid_epoch_ends_every_rank(tmp_path, dynamic):
     wait_for_ranks_to_exit(out)
     assert time.monotonic() - start < 120
     assert "PipelineCommError: stage" in proc.stderr
+
+
+@pytest.mark.parametrize("schedule", ["timeprest_i", "pipedream"])
+def test_every_stage_updates_a_mini_batch_with_the_learning_rate_of_its_step(tmp_path, schedule):
+    """A scheduler moves on every step, while stage 0 steps for mini-batch m a few steps after m entered: each
+    stage's update of m must still use the rate of step m (StepLR halving every 2 steps)."""
+    out = tmp_path / "lr.pt"
+    n = ("--n", "2") if schedule != "pipedream" else ("--n", "1")
+    run_script(tmp_path, "--devices", "3", "--schedule", schedule, *n, "--epochs", "2", "--scheduler", "step",
+               "--out", str(out))  # fmt: skip
+    expected = [[pytest.approx(0.1 * 0.5 ** (step // 2))] for step in range(12)]  # 2 epochs of 6 steps
+    for rank in range(3):
+        assert torch.load(f"{out}.lrs{rank}", weights_only=False) == expected

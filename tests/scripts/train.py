@@ -66,6 +66,7 @@ class Record(Callback):
     def on_train_end(self, trainer, pl_module):
         engine = getattr(trainer.strategy, "_engine", None)
         if engine is not None:
+            self.learning_rates = list(engine.learning_rates)
             self.trace = [
                 [(e.op.kind.value, e.op.minibatch, e.op.microbatch, e.version) for e in t] for t in engine.trace
             ]
@@ -251,6 +252,7 @@ def main() -> None:
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
+        torch.save(record.learning_rates, f"{args.out}.lrs{trainer.global_rank}")
 
 
 if __name__ == "__main__":
