@@ -119,6 +119,7 @@ class AsyncRuntime:
         rule: BackwardRule,
         dynamic: bool,
         loss_of: Callable[[Any], Tensor],
+        before_step: Callable[[list[Tensor]], None] | None = None,
     ) -> None:
         self.stage = stage
         self.num_stages = num_stages
@@ -133,6 +134,7 @@ class AsyncRuntime:
         self.rule = rule
         self.dynamic = dynamic
         self.loss_of = loss_of
+        self.before_step = before_step  # e.g. averaging the gradients over data-parallel replicas
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
         named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and not p.is_meta]
@@ -350,6 +352,8 @@ class AsyncRuntime:
             g["lr"] = lr
         self.learning_rates.append([g["lr"] for g in groups])  # what optimizer.step() reads
         try:
+            if self.before_step is not None:
+                self.before_step(self.store.params)
             with self.store.stepping():
                 self.optimizer.step()
         finally:

@@ -319,6 +319,9 @@ class PipelineStrategyMixin:
             forward is traced (``torch.export``) and split by ``torch.distributed.pipelining``.
         split_points: names of submodules (as in ``named_modules()`` of the LightningModule) at whose beginning
             to cut, ``stages - 1`` of them, instead of the automatic choice; always traced.
+        stages: W, the stages of one pipeline (default: every process). With ``devices x num_nodes = D x W``
+            processes, D data-parallel replicas of the pipeline each train on their own shard of the data, and
+            each stage's gradients are averaged over the replicas (as DDP does).
         p2p_timeout: seconds a stage waits for a neighbour's activation or gradient before failing.
         significance: I-TiMePReSt's ``alpha(d)``: ``"exp"`` (``exp(-decay_lambda d)``), ``"inverse"``
             (``1 / (1 + d)``), ``"power"`` (``power_beta ** d``) or a callable ``d -> alpha``.
@@ -339,6 +342,7 @@ class PipelineStrategyMixin:
         balance: list[int] | str = "parameters",
         module_name: str | None = None,
         split_points: list[str] | None = None,
+        stages: int | None = None,
         p2p_timeout: float = 600.0,
         significance: str | Callable[[int], float] = "exp",
         decay_lambda: float = 1.0,
@@ -381,6 +385,8 @@ class PipelineStrategyMixin:
             raise PipelineConfigError(
                 f"split_points must be a list of submodule names (e.g. ['model.layer3']), got {split_points!r}"
             )
+        if stages is not None and (isinstance(stages, bool) or int(stages) < 1):
+            raise PipelineConfigError(f"stages must be a positive integer, got {stages!r}")
         if split_points and not isinstance(balance, str):
             raise PipelineConfigError("give either split_points or a balance list, not both: each fixes the stages")
         if p2p_timeout <= 0:
@@ -406,6 +412,10 @@ class PipelineStrategyMixin:
         self.balance = balance
         self.module_name = module_name
         self.split_points = list(split_points) if split_points else None
+        self._stages = None if stages is None else int(stages)
+        self._replica_group: Any = None
+        self._own_replica_group: Any = None
+        self._world_gloo: Any = None
         self.p2p_timeout = timedelta(seconds=p2p_timeout)
         self._groups: PipelineGroups | None = None
         self._plan: StagePlan | None = None
@@ -444,11 +454,20 @@ class PipelineStrategyMixin:
 
     @property
     def num_stages(self) -> int:
-        return self.world_size
+        return self._stages or self.world_size
 
     @property
     def stage(self) -> int:
-        return self.global_rank
+        return self.global_rank % self.num_stages
+
+    @property
+    def num_replicas(self) -> int:
+        """D, the data-parallel copies of the pipeline (ranks ``r W .. r W + W - 1`` form replica ``r``)."""
+        return self.world_size // self.num_stages
+
+    @property
+    def replica(self) -> int:
+        return self.global_rank // self.num_stages
 
     @property
     def last_stage(self) -> int:
@@ -470,15 +489,29 @@ class PipelineStrategyMixin:
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": 1, "rank": 0}
+        # the stages of one pipeline see the same data; the replicas see their own shards
+        return {"num_replicas": self.num_replicas, "rank": self.replica}
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
         backend = self._get_process_group_backend()
+        w = self.num_stages
+        if self.world_size % w:
+            raise PipelineConfigError(
+                f"stages={w} does not divide the {self.world_size} processes (devices x num_nodes); use a number of "
+                "processes that is a multiple of the stages, each multiple a data-parallel replica of the pipeline"
+            )
         ranks = list(range(self.world_size))
-        self._groups = new_pipeline_groups([ranks], self.global_rank, backend, self._timeout or default_pg_timeout)
+        pipelines = [ranks[r * w : (r + 1) * w] for r in range(self.num_replicas)]
+        timeout = self._timeout or default_pg_timeout
+        self._groups = new_pipeline_groups(pipelines, self.global_rank, backend, timeout)
+        # each stage with its copies in the other replicas, for the gradient average (new_group is collective:
+        # every rank creates every group, and keeps its own)
+        replicas = [dist.new_group(ranks[s::w], backend=backend, timeout=timeout) for s in range(w)]
+        self._own_replica_group = replicas[self.stage]
+        self._replica_group = self._own_replica_group if self.num_replicas > 1 else None
+        self._world_gloo = dist.new_group(ranks, backend="gloo", timeout=timeout)  # agreements at setup
         # torchmetrics syncs over its process_group on compute(); each stage computes its metrics on its own
-        # (new_group is collective: every rank creates every singleton group, and keeps its own)
         self._metric_group = [dist.new_group([r], backend="gloo") for r in ranks][self.global_rank]
 
     # -- model placement ------------------------------------------------------------------------------------
@@ -517,7 +550,8 @@ class PipelineStrategyMixin:
         self._check_supported(trainer, module, fitting)
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see _stage0_batch).
-        trainer._accelerator_connector.use_distributed_sampler = False
+        if self.num_replicas == 1:
+            trainer._accelerator_connector.use_distributed_sampler = False
         self._partition(module)
         self.precision_plugin.convert_module(module)
         self.model_to_device()
@@ -525,6 +559,7 @@ class PipelineStrategyMixin:
             self._runtime.module.rebind()  # device moves and conversions may have replaced buffers
         self._replicated_local = self._replicated_here()
         self._sync_replicated()
+        self._sync_replicas()
         self._metric_groups_before = {}
         for m in module.modules():
             if isinstance(m, Metric):
@@ -645,6 +680,7 @@ class PipelineStrategyMixin:
             rule=self.backward_rule,  # type: ignore[arg-type]
             dynamic=self.dynamic,
             loss_of=_loss_of,
+            before_step=self._average_over_replicas if self._replica_group is not None else None,
         )
         self._version_difference = (
             version_difference(self.num_stages, self.num_microbatches) if self.schedule_name != "pipedream" else 0
@@ -796,7 +832,7 @@ class PipelineStrategyMixin:
             return sample
         assert self._groups is not None
         have = torch.tensor([int(sample is not None)])
-        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=self._groups.control)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=self._world_gloo)
         if sample is not None and not have.item():
             self._sample_problem = "another stage could not take a sample batch"
             return None
@@ -808,8 +844,8 @@ class PipelineStrategyMixin:
             return
         assert self._groups is not None
         mine = torch.tensor([costs.seconds, costs.bytes], dtype=torch.float64)
-        dist.all_reduce(mine, group=self._groups.control)
-        mine /= self.num_stages
+        dist.all_reduce(mine, group=self._world_gloo)  # every replica, too: they must cut alike
+        mine /= self.world_size
         costs.seconds = mine[0].tolist()
         costs.bytes = [int(b) for b in mine[1].tolist()]
 
@@ -948,6 +984,32 @@ class PipelineStrategyMixin:
                 if tensor is not None:
                     tensor.copy_(wire)
 
+    def _sync_replicas(self) -> None:
+        """Start every replica of a stage from replica 0's tensors (as DDP broadcasts rank 0's model)."""
+        if self._replica_group is None:
+            return
+        module = self.lightning_module
+        assert module is not None
+        with torch.no_grad():
+            for tensor in module.state_dict().values():
+                if isinstance(tensor, Tensor) and not tensor.is_meta:
+                    dist.broadcast(tensor, src=self.stage, group=self._replica_group)
+
+    def _average_over_replicas(self, params: list[Tensor]) -> None:
+        """Average this stage's gradients over the data-parallel replicas (one flat all-reduce)."""
+        if self._replica_group is None:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self._replica_group)
+        flat /= self.num_replicas
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def _unpartition(self, gather: bool) -> None:
         """Give the module back its own forward and layers; with ``gather``, every rank gets every stage's tensors
         (so that the whole trained model is there after ``fit``, on rank 0 for the launcher to return, and on the
@@ -985,8 +1047,10 @@ class PipelineStrategyMixin:
         self._metric_groups_before = {}
         if self._groups is not None:
             destroy_pipeline_groups(self._groups)
-            dist.destroy_process_group(self._metric_group)
-            self._groups = self._metric_group = None
+            for group in (self._metric_group, self._own_replica_group, self._world_gloo):
+                dist.destroy_process_group(group)
+            self._groups = self._metric_group = self._own_replica_group = self._world_gloo = None
+            self._replica_group = None
         module = self.lightning_module
         _optimizers_to_device(self.optimizers, torch.device("cpu"))
         if module is not None:
@@ -1057,6 +1121,7 @@ class PipelineStrategyMixin:
         for p, g in new.items():
             if g is not None:
                 p.grad = g if p.grad is None else p.grad.add_(g)
+        self._average_over_replicas(list(new))
         return self.precision_plugin.post_backward(closure_loss, module)
 
     def _sum_shared_gradients(self, grads: dict[nn.Parameter, Tensor | None]) -> None:

@@ -142,6 +142,9 @@ def main() -> None:
     p.add_argument("--fp16", action="store_true", help="16-mixed on the CPU: autocast to float16 and a GradScaler")
     p.add_argument("--init-scale", type=float, default=2.0**16)
     p.add_argument("--inf-rank", type=int, default=-1, help="this rank's first gradients become inf (a lone overflow)")
+    p.add_argument("--stages", type=int, default=None, help="W; devices x num_nodes / W data-parallel replicas")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -183,8 +186,9 @@ def main() -> None:
             dynamic=args.dynamic,
             module_name=args.module_name,
             split_points=args.split_points.split(",") if args.split_points else None,
+            stages=args.stages,
         )
-        kw = {"strategy": strategy, "devices": args.devices}
+        kw = {"strategy": "ddp" if args.ddp else strategy, "devices": args.devices, "num_nodes": args.num_nodes}
     else:
         kw = {"devices": 1}
     trainer = Trainer(
