@@ -250,6 +250,7 @@ def main() -> None:
         torch.save(result, args.out)
     if args.devices > 0 and hasattr(record, "placement"):
         record.placement["global_step"] = trainer.global_step
+        record.placement["values"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         record.placement["stopped"] = trainer.should_stop
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         record.placement["scale"] = float(scaler.get_scale()) if scaler is not None else None
