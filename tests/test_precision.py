@@ -3,6 +3,8 @@ gradients together, and a step in which any stage overflows is skipped on every 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import assert_same_params, run_script, train
@@ -24,6 +26,17 @@ def test_float16_loss_scaling_matches_single_device(tmp_path, reference):
     got = train(tmp_path, "fp16", *args, "--devices", "2", "--schedule", "gpipe")
     expected = reference(*args)
     assert_same_params(got["state_dict"], expected["state_dict"], atol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "timeprest_v"])
+def test_bfloat16_autocast(tmp_path, reference, schedule):
+    args = ("--epochs", "1", "--precision", "bf16-mixed")
+    got = train(tmp_path, "bf16", *args, "--devices", "2", "--schedule", schedule, "--n", "2")
+    if schedule == "1f1b":  # synchronous: as on one device
+        assert_same_params(got["state_dict"], reference(*args, "--n", "2")["state_dict"], atol=1e-3)
+    else:  # the asynchronous policy runs its forwards and backwards under the same autocast
+        assert all(torch.isfinite(v).all() for v in got["state_dict"].values())
+        assert math.isfinite(got["steps"][-1]["returned"]) and got["epochs"][-1]["train_loss_epoch"] > 0
 
 
 def test_an_overflow_on_one_stage_skips_the_step_on_every_stage(tmp_path, reference):

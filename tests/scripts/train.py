@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--best-ckpt", default=None, help="ModelCheckpoint(monitor='val_loss') into this directory")
     p.add_argument("--clip", type=float, default=None, help="gradient_clip_val")
     p.add_argument("--clip-algorithm", default="norm")
+    p.add_argument("--precision", default="32-true")
     p.add_argument("--fp16", action="store_true", help="16-mixed on the CPU: autocast to float16 and a GradScaler")
     p.add_argument("--init-scale", type=float, default=2.0**16)
     p.add_argument("--inf-rank", type=int, default=-1, help="this rank's first gradients become inf (a lone overflow)")
@@ -197,6 +198,7 @@ def main() -> None:
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
+        precision=None if args.fp16 else args.precision,
         gradient_clip_val=args.clip,
         gradient_clip_algorithm=args.clip_algorithm,
         plugins=plugins,
