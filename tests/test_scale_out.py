@@ -1,6 +1,7 @@
 """Data-parallel replicas of the pipeline (world = D x W) and multi-node runs through Lightning's cluster
-environment: each replica trains on its own shard, each stage's gradients are averaged over the replicas, so a
-D x W run equals Lightning's own DDP on D processes."""
+environments: each replica trains on its own shard, each stage's gradients are averaged over the replicas, so a
+D x W run equals Lightning's own DDP on D processes. The nodes are processes on loopback, started as Lightning's
+launcher, torchrun or SLURM would start them."""
 
 from __future__ import annotations
 
@@ -12,11 +13,24 @@ import pytest
 import torch
 from conftest import SCRIPT, assert_same_params, clean_env, train
 
+PIPELINE = ["--stages", "2", "--epochs", "2", "--optimizer", "adam"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _run_together(tmp_path, commands: list[tuple[list[str], dict[str, str]]], timeout: float = 300) -> None:
+    """Start every ``(argv, env)`` at once (the processes of one job) and wait for all; each must succeed."""
+    procs = [
+        subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for argv, env in commands
+    ]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -28,39 +42,49 @@ def ddp_reference(tmp_path_factory):
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_two_replicas_of_a_two_stage_pipeline_equal_ddp(tmp_path, ddp_reference, schedule):
-    got = train(tmp_path, "dpxpp", "--devices", "4", "--stages", "2", "--schedule", schedule, "--epochs", "2",
-                "--optimizer", "adam")  # fmt: skip
+    got = train(tmp_path, "dpxpp", "--devices", "4", "--schedule", schedule, *PIPELINE)
     assert_same_params(got["state_dict"], ddp_reference["state_dict"])
     assert got["global_step"] == ddp_reference["global_step"] == 6  # 100 samples: 50 per replica, batches of 18
 
 
-def test_two_nodes_on_loopback(tmp_path, ddp_reference):
-    """2 nodes x 2 processes (D = 2, W = 2), started as a cluster would start them: one launch per node, with
-    NODE_RANK and the master's address in the environment (Lightning's LightningEnvironment reads them)."""
+def test_two_nodes_with_lightnings_launcher(tmp_path, ddp_reference):
+    """One launch per node with NODE_RANK and the master's address (LightningEnvironment); each node's launcher
+    starts its second process."""
     out = tmp_path / "nodes.pt"
     env = {**clean_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    args = [sys.executable, str(SCRIPT), "--devices", "2", "--num-nodes", "2", "--stages", "2", "--epochs", "2",
-            "--optimizer", "adam", "--out", str(out)]  # fmt: skip
-    nodes = [
-        subprocess.Popen(
-            args,
-            cwd=tmp_path,
-            env={**env, "NODE_RANK": str(n)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for n in range(2)
-    ]
-    results = [node.communicate(timeout=300) for node in nodes]
-    for node, (_, stderr) in zip(nodes, results, strict=True):
-        assert node.returncode == 0, stderr[-4000:]
-    got = torch.load(out, weights_only=False)
-    assert_same_params(got["state_dict"], ddp_reference["state_dict"])
+    argv = [sys.executable, str(SCRIPT), "--devices", "2", "--num-nodes", "2", *PIPELINE, "--out", str(out)]
+    _run_together(tmp_path, [(argv, {**env, "NODE_RANK": str(n)}) for n in range(2)])
+    assert_same_params(torch.load(out, weights_only=False)["state_dict"], ddp_reference["state_dict"])
     # ranks 2 and 3 (node 1) held the two stages of replica 1
     placements = [torch.load(f"{out}.rank{r}", weights_only=False)["params"] for r in range(4)]
     assert set(placements[0]) == set(placements[2]) and set(placements[1]) == set(placements[3])
     assert set(placements[0]) != set(placements[1])
+
+
+def test_two_nodes_under_torchrun(tmp_path, ddp_reference):
+    """torchrun starts every process itself (TorchElasticEnvironment)."""
+    out = tmp_path / "torchrun.pt"
+    run = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]  # fmt: skip
+    script = [str(SCRIPT), "--devices", "2", "--num-nodes", "2", *PIPELINE, "--out", str(out)]
+    _run_together(tmp_path, [([*run, "--node-rank", str(n), *script], clean_env()) for n in range(2)])
+    assert_same_params(torch.load(out, weights_only=False)["state_dict"], ddp_reference["state_dict"])
+
+
+def test_two_nodes_under_slurm(tmp_path, ddp_reference):
+    """What srun gives each of 4 tasks on 2 nodes (SLURMEnvironment): one process per task."""
+    out = tmp_path / "slurm.pt"
+    job = {
+        **clean_env(), "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2",
+        "SLURM_JOB_NAME": "pipeline-test", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }  # fmt: skip
+    tasks = [
+        {**job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i % 2), "SLURM_NODEID": str(i // 2)} for i in range(4)
+    ]
+    argv = [sys.executable, str(SCRIPT), "--devices", "2", "--num-nodes", "2", *PIPELINE, "--out", str(out)]
+    _run_together(tmp_path, [(argv, env) for env in tasks])
+    assert_same_params(torch.load(out, weights_only=False)["state_dict"], ddp_reference["state_dict"])
 
 
 def test_replicas_of_an_asynchronous_pipeline_stay_identical(tmp_path):
