@@ -2,7 +2,10 @@
 
 A pipeline checkpoint is an ordinary Lightning checkpoint: rank 0 gathers every stage's tensors into one
 ``state_dict`` under the original keys (so ``LightningModule.load_from_checkpoint`` works in one process), and
-every stage's optimizer state into one optimizer state dict.
+every stage's optimizer state into one optimizer state dict. For models too large to gather on one rank, a
+*sharded* checkpoint is a directory with one file per stage (each stage writes its own states) and a meta file;
+:func:`consolidate` turns it into the ordinary checkpoint, and the strategy resumes from either form with any
+number of stages.
 
 The optimizer state is consolidated as one single-process optimizer would have saved it: parameter groups in
 the order ``configure_optimizers`` made them, parameters inside a group in the model's parameter order,
@@ -13,20 +16,30 @@ stage's entries by name, so nothing depends on how the model was cut into stages
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 __all__ = [
+    "META_FILE",
     "CheckpointError",
     "canonical_param_names",
+    "consolidate",
     "consolidate_optimizer_states",
+    "is_sharded",
     "local_optimizer_state",
     "merge_state_dicts",
     "named_optimizer_state",
+    "shard_file",
 ]
+
+#: in a sharded checkpoint (a directory): Lightning's checkpoint without the model and optimizer states, plus what
+#: consolidating needs; each stage's states are in :func:`shard_file`
+META_FILE = "meta.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -129,3 +142,37 @@ def local_optimizer_state(optimizer: Optimizer, saved: Mapping[str, Any], names:
         hyper = {k: v for k, v in saved_group.items() if k not in ("params", "param_names")}
         groups.append({**hyper, "params": local_ids})
     return {"state": state, "param_groups": groups}
+
+
+def shard_file(stage: int, num_stages: int) -> str:
+    return f"stage-{stage}-of-{num_stages}.pt"
+
+
+def is_sharded(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def consolidate(path: str | Path) -> dict[str, Any]:
+    """The ordinary whole-model Lightning checkpoint of a sharded checkpoint directory.
+
+    ``torch.save(consolidate("epoch=3-step=400.ckpt"), "model.ckpt")`` gives a file that
+    ``LightningModule.load_from_checkpoint`` and a plain ``Trainer(ckpt_path=...)`` read. Stage files are memory-mapped,
+    so consolidating needs little more memory than the result.
+    """
+    path = Path(path)
+    if not is_sharded(path):
+        raise CheckpointError(f"{path} is not a sharded pipeline checkpoint (no {META_FILE} in it)")
+    checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    layout = checkpoint.pop("timeprest_shards")
+    shards = []
+    for s in range(layout["num_stages"]):
+        file = path / shard_file(s, layout["num_stages"])
+        if not file.is_file():
+            raise CheckpointError(f"the sharded checkpoint {path} lacks {file.name}: a stage did not finish writing it")
+        shards.append(torch.load(file, map_location="cpu", mmap=True, weights_only=False))
+    checkpoint["state_dict"] = merge_state_dicts([s["state_dict"] for s in shards], layout["state_keys"])
+    checkpoint["optimizer_states"] = [
+        consolidate_optimizer_states([s["optimizer_states"][i] for s in shards], layout["param_order"])
+        for i in range(len(shards[0]["optimizer_states"]))
+    ]
+    return checkpoint

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -322,6 +323,9 @@ class PipelineStrategyMixin:
         stages: W, the stages of one pipeline (default: every process). With ``devices x num_nodes = D x W``
             processes, D data-parallel replicas of the pipeline each train on their own shard of the data, and
             each stage's gradients are averaged over the replicas (as DDP does).
+        sharded_checkpoint: write checkpoints as a directory with one file per stage (nothing is gathered on one
+            rank); :func:`lightning_timeprest.checkpoint.consolidate` makes an ordinary checkpoint of it. Resuming
+            reads either form, with any number of stages.
         p2p_timeout: seconds a stage waits for a neighbour's activation or gradient before failing.
         significance: I-TiMePReSt's ``alpha(d)``: ``"exp"`` (``exp(-decay_lambda d)``), ``"inverse"``
             (``1 / (1 + d)``), ``"power"`` (``power_beta ** d``) or a callable ``d -> alpha``.
@@ -343,6 +347,7 @@ class PipelineStrategyMixin:
         module_name: str | None = None,
         split_points: list[str] | None = None,
         stages: int | None = None,
+        sharded_checkpoint: bool = False,
         p2p_timeout: float = 600.0,
         significance: str | Callable[[int], float] = "exp",
         decay_lambda: float = 1.0,
@@ -413,6 +418,7 @@ class PipelineStrategyMixin:
         self.module_name = module_name
         self.split_points = list(split_points) if split_points else None
         self._stages = None if stages is None else int(stages)
+        self.sharded_checkpoint = bool(sharded_checkpoint)
         self._replica_group: Any = None
         self._own_replica_group: Any = None
         self._world_gloo: Any = None
@@ -1429,11 +1435,18 @@ class PipelineStrategyMixin:
             if max(self._holders.get(k, everyone)) == self.stage
         }
 
+    @property
+    def _sharding(self) -> bool:
+        return self.sharded_checkpoint and self._runtime is not None
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The full model's state dict on rank 0 (gathered from all stages), empty on the other ranks."""
+        """The full model's state dict on rank 0 (gathered from all stages), empty on the other ranks; with
+        ``sharded_checkpoint``, this stage's entries on every rank."""
         if self._runtime is None:
             return super().lightning_module_state_dict()
         self._drain()
+        if self.sharded_checkpoint:
+            return self._own_state()
         parts = self._runtime.comm.gather_objects(self._own_state())
         return ckpt.merge_state_dicts(parts, self._state_keys) if parts is not None else {}
 
@@ -1455,8 +1468,34 @@ class PipelineStrategyMixin:
             for r, owner in zip(self._replicated, self._owners, strict=True):
                 if owner != self.stage:
                     named["state"].pop(r.name, None)
+        if self.sharded_checkpoint:
+            return named
         parts = runtime.comm.gather_objects(named)
         return ckpt.consolidate_optimizer_states(parts, self._param_order) if parts is not None else {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """An ordinary checkpoint file written by rank 0; with ``sharded_checkpoint``, a directory ``filepath``
+        in which each stage of replica 0 writes its own states and rank 0 the rest."""
+        if not self._sharding:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        directory = Path(filepath)
+        shard = {"state_dict": checkpoint.pop("state_dict"), "optimizer_states": checkpoint.pop("optimizer_states")}
+        if self.replica == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(shard, directory / ckpt.shard_file(self.stage, self.num_stages))
+            if self.is_global_zero:
+                layout = {
+                    "num_stages": self.num_stages,
+                    "state_keys": self._state_keys,
+                    "param_order": self._param_order,
+                }
+                torch.save({**checkpoint, "timeprest_shards": layout}, directory / ckpt.META_FILE)
+        self.barrier("sharded checkpoint written")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if ckpt.is_sharded(checkpoint_path):
+            return ckpt.consolidate(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module

@@ -7,6 +7,8 @@ import torch
 from conftest import assert_same_params, train
 from models import StemNetHead
 
+from lightning_timeprest.checkpoint import consolidate
+
 ARGS = ("--epochs", "3", "--optimizer", "adam", "--schedule", "1f1b", "--val")
 
 
@@ -96,4 +98,44 @@ def test_checkpoint_resumes_with_another_number_of_stages(pipelined_run, tmp_pat
         tmp_path, "resharded", *ARGS, "--devices", devices, "--resume", str(tmp / "ckpts" / "epoch=0-step=6.ckpt")
     )
     assert resumed["global_step"] == full["global_step"] == 18
+    assert_same_params(full["state_dict"], resumed["state_dict"], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharded")
+    result = train(tmp, "full", *ARGS, "--devices", "3", "--sharded", "--ckpt-dir", str(tmp / "ckpts"))
+    return tmp, result
+
+
+def test_sharded_checkpoint_is_one_file_per_stage_and_consolidates(sharded_run, pipelined_run):
+    tmp, result = sharded_run
+    directory = tmp / "ckpts" / "epoch=2-step=18.ckpt"
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "meta.pt", "stage-0-of-3.pt", "stage-1-of-3.pt", "stage-2-of-3.pt",
+    ]  # fmt: skip
+    # a stage file holds that stage's entries only: nothing was gathered on one rank
+    stage1 = torch.load(directory / "stage-1-of-3.pt", weights_only=False)
+    assert 0 < len(stage1["state_dict"]) < len(StemNetHead().state_dict())
+    whole = consolidate(directory)
+    assert_same_params(whole["state_dict"], result["state_dict"], atol=0)
+    # the same content as the ordinary checkpoint of the same training (written by 2 stages)
+    ordinary = torch.load(pipelined_run[0] / "ckpts" / "epoch=2-step=18.ckpt", weights_only=False)
+    assert list(whole["state_dict"]) == list(ordinary["state_dict"])
+    assert whole["optimizer_states"][0]["param_groups"] == ordinary["optimizer_states"][0]["param_groups"]
+    assert whole["global_step"] == ordinary["global_step"] and whole["epoch"] == ordinary["epoch"]
+    torch.save(whole, tmp / "whole.ckpt")
+    model = StemNetHead.load_from_checkpoint(tmp / "whole.ckpt")
+    assert_same_params(model.state_dict(), result["state_dict"], atol=0)
+
+
+@pytest.mark.parametrize("devices", ["2", "0"])
+def test_sharded_checkpoint_resumes_with_another_number_of_stages(sharded_run, tmp_path, devices):
+    tmp, full = sharded_run
+    directory = tmp / "ckpts" / "epoch=0-step=6.ckpt"
+    if devices == "0":  # plain Lightning on one device reads the consolidated file
+        torch.save(consolidate(directory), tmp_path / "whole.ckpt")
+        directory = tmp_path / "whole.ckpt"
+    resumed = train(tmp_path, "resumed", *ARGS, "--devices", devices, "--resume", str(directory))
+    assert resumed["global_step"] == 18
     assert_same_params(full["state_dict"], resumed["state_dict"], atol=1e-6)
