@@ -73,6 +73,7 @@ class StepStats:
     busy_s: float = 0.0
     wait_s: float = 0.0
     samples: int = 0
+    cuda_peak_bytes: int = -1  # the step's peak CUDA allocation on this stage's GPU (-1: not on a GPU)
 
     def as_tensor(self, wall_s: float) -> Tensor:
         d = self.staleness
@@ -87,6 +88,7 @@ class StepStats:
                 self.wait_s,
                 wall_s,
                 float(self.samples),
+                float(self.cuda_peak_bytes),
             ],
             dtype=torch.float64,
         )

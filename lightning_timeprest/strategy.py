@@ -326,6 +326,9 @@ class PipelineStrategyMixin:
         sharded_checkpoint: write checkpoints as a directory with one file per stage (nothing is gathered on one
             rank); :func:`lightning_timeprest.checkpoint.consolidate` makes an ordinary checkpoint of it. Resuming
             reads either form, with any number of stages.
+        processes_per_device: stages (processes) that share each device, e.g. ``Trainer(accelerator="gpu",
+            devices=1)`` with ``processes_per_device=4`` runs 4 stages on one GPU. Shared devices talk over gloo,
+            through CPU memory (NCCL refuses two ranks on one GPU).
         p2p_timeout: seconds a stage waits for a neighbour's activation or gradient before failing.
         significance: I-TiMePReSt's ``alpha(d)``: ``"exp"`` (``exp(-decay_lambda d)``), ``"inverse"``
             (``1 / (1 + d)``), ``"power"`` (``power_beta ** d``) or a callable ``d -> alpha``.
@@ -348,6 +351,7 @@ class PipelineStrategyMixin:
         split_points: list[str] | None = None,
         stages: int | None = None,
         sharded_checkpoint: bool = False,
+        processes_per_device: int = 1,
         p2p_timeout: float = 600.0,
         significance: str | Callable[[int], float] = "exp",
         decay_lambda: float = 1.0,
@@ -363,6 +367,9 @@ class PipelineStrategyMixin:
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
+        if isinstance(processes_per_device, bool) or int(processes_per_device) < 1:
+            raise PipelineConfigError(f"processes_per_device must be a positive integer, got {processes_per_device!r}")
+        self._processes_per_device = int(processes_per_device)  # before the base class sets parallel_devices
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -457,6 +464,21 @@ class PipelineStrategyMixin:
         self._owners: list[int] = []
 
     # -- topology -------------------------------------------------------------------------------------------
+
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        # each device once per process that shares it: Lightning's launcher starts one process per entry
+        k = self._processes_per_device
+        self._parallel_devices = None if devices is None else [d for d in devices for _ in range(k)]
+
+    def _get_process_group_backend(self) -> str:
+        if self._processes_per_device > 1 and self._process_group_backend is None:
+            return "gloo"
+        return super()._get_process_group_backend()
 
     @property
     def num_stages(self) -> int:
@@ -1215,6 +1237,10 @@ class PipelineStrategyMixin:
         now = time.perf_counter()
         stats = engine.take_stats()
         stats.wait_s = self._runtime.comm.wait_seconds
+        device = self.root_device
+        if device.type == "cuda":
+            stats.cuda_peak_bytes = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
         self._runtime.comm.wait_seconds = 0.0
         record = stats.as_tensor(now - self._step_clock)
         self._step_clock = now
@@ -1264,7 +1290,7 @@ class PipelineStrategyMixin:
         """Rank 0 logs one stage's record of one step under ``pipeline/stage{stage}/...``."""
         module = self.lightning_module
         assert module is not None
-        d_sum, d_count, d_max, versions, nbytes, busy, wait, wall, samples = record.tolist()
+        d_sum, d_count, d_max, versions, nbytes, busy, wait, wall, samples, cuda_peak = record.tolist()
         prefix = f"pipeline/stage{stage}/"
         values: list[tuple[str, float, str, int]] = [
             (prefix + "versions_held", versions, "max", 1),
@@ -1276,6 +1302,8 @@ class PipelineStrategyMixin:
         if d_count > 0:
             values += [(prefix + "staleness_mean", d_sum / d_count, "mean", int(d_count))]
             values += [(prefix + "staleness_max", d_max, "max", 1)]
+        if cuda_peak >= 0:
+            values.append((prefix + "cuda_peak_bytes", cuda_peak, "max", 1))
         if stage == 0:
             values.append(("pipeline/v", float(self._version_difference), "max", 1))
 

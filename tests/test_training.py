@@ -110,3 +110,11 @@ def test_ties_survive_meta_initialisation(tmp_path):
     assert torch.equal(sd["embed.weight"], sd["head.weight"])
     assert torch.equal(sd["embed.weight"], sd["net.4.weight"])
     assert torch.equal(sd["net.0.bias"], sd["net.2.bias"])
+
+
+def test_stages_can_share_a_device(tmp_path, reference):
+    """processes_per_device=3 on one device: 3 stages (over gloo), as with 3 devices. On a GPU this is how W stages
+    share one card; here the shared device is the CPU."""
+    got = train(tmp_path, "shared", "--epochs", "1", "--devices", "1", "--per-device", "3", "--schedule", "1f1b")
+    assert_same_params(got["state_dict"], reference("--epochs", "1")["state_dict"])
+    assert len(got["table"]) == 4  # a header and 3 stages

@@ -146,6 +146,7 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=None, help="W; devices x num_nodes / W data-parallel replicas")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--sharded", action="store_true", help="sharded_checkpoint=True")
+    p.add_argument("--per-device", type=int, default=1, help="processes_per_device")
     p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -190,6 +191,7 @@ def main() -> None:
             split_points=args.split_points.split(",") if args.split_points else None,
             stages=args.stages,
             sharded_checkpoint=args.sharded,
+            processes_per_device=args.per_device,
         )
         kw = {"strategy": "ddp" if args.ddp else strategy, "devices": args.devices, "num_nodes": args.num_nodes}
     else:
