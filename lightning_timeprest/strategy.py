@@ -662,10 +662,13 @@ class PipelineStrategyMixin:
                 "precision='16-mixed' (loss scaling) is not supported yet with the asynchronous "
                 f"{self.schedule_name!r}; use 'bf16-mixed' or '32-true', or schedule='gpipe' or '1f1b'"
             )
-        if fitting and self.is_asynchronous and trainer.gradient_clip_val:
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+        algorithm = str(getattr(algorithm, "value", algorithm))  # (Lightning's GradClipAlgorithmType)
+        if fitting and self.is_asynchronous and trainer.gradient_clip_val and algorithm != "value":
             raise PipelineConfigError(
-                f"gradient_clip_val is not supported yet with the asynchronous {self.schedule_name!r} (each stage "
-                "steps inside the pipeline, at its own time); remove it, or use schedule='gpipe' or '1f1b'"
+                f"gradient_clip_algorithm='norm' does not apply to the asynchronous {self.schedule_name!r}: each stage "
+                "steps for a mini-batch before the earlier stages have its gradients, so no stage can know the norm "
+                "over all of them without a flush. Use gradient_clip_algorithm='value', or schedule='gpipe'/'1f1b'"
             )
 
     def _check_asynchronous(self, trainer: Any) -> None:
@@ -708,7 +711,7 @@ class PipelineStrategyMixin:
             rule=self.backward_rule,  # type: ignore[arg-type]
             dynamic=self.dynamic,
             loss_of=_loss_of,
-            before_step=self._average_over_replicas if self._replica_group is not None else None,
+            before_step=self._before_async_step,
         )
         self._version_difference = (
             version_difference(self.num_stages, self.num_microbatches) if self.schedule_name != "pipedream" else 0
@@ -1022,6 +1025,13 @@ class PipelineStrategyMixin:
             for tensor in module.state_dict().values():
                 if isinstance(tensor, Tensor) and not tensor.is_meta:
                     dist.broadcast(tensor, src=self.stage, group=self._replica_group)
+
+    def _before_async_step(self, params: list[Tensor]) -> None:
+        """What Lightning does before a step, for a step the engine takes: the replica average, clipping by value."""
+        self._average_over_replicas(params)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.gradient_clip_val:
+            torch.nn.utils.clip_grad_value_([p for p in params if p.grad is not None], float(trainer.gradient_clip_val))
 
     def _average_over_replicas(self, params: list[Tensor]) -> None:
         """Average this stage's gradients over the data-parallel replicas (one flat all-reduce)."""

@@ -42,6 +42,7 @@ def reference(
     alpha: Callable[[int], float] = lambda d: math.exp(-d),
     rule: str = "graph",
     schedules: Sequence[Schedule] | None = None,
+    clip_value: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict after ``epochs`` epochs (``schedules``: one recorded schedule per epoch instead of the
     static one)."""
@@ -116,8 +117,9 @@ def reference(
                     _forward(s, op, w, version, history, entry, fwd, splits, run_stage, rule, policy)
                 else:
                     _backward(
-                        s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts
-                    )
+                        s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts,
+                        clip_value,
+                    )  # fmt: skip
     out = {}
     for s in range(w):
         out.update({k: v.detach().clone() for k, v in live[s].items()})
@@ -157,7 +159,9 @@ def _backward_weights(s, v, version, history, policy, alpha) -> dict[str, torch.
     return {k: torch.lerp(latest[k], stale[k], a) for k in latest}
 
 
-def _backward(s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts) -> None:
+def _backward(
+    s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts, clip_value=None
+) -> None:
     m = op.minibatch
     grads: dict[str, torch.Tensor] = {}
 
@@ -201,6 +205,8 @@ def _backward(s, op, w, n, version, history, fwd, grad_in, splits, run_stage, ru
         del fwd[(s, m, j)]
     for k, p in live[s].items():
         p.grad = grads.get(k)
+    if clip_value is not None:
+        torch.nn.utils.clip_grad_value_([p for p in live[s].values() if p.grad is not None], clip_value)
     opts[s].step()
     opts[s].zero_grad(set_to_none=True)
     version[s] += 1

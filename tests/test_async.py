@@ -185,3 +185,13 @@ def test_every_stage_updates_a_mini_batch_with_the_learning_rate_of_its_step(tmp
     expected = [[pytest.approx(0.1 * 0.5 ** (step // 2))] for step in range(12)]  # 2 epochs of 6 steps
     for rank in range(3):
         assert torch.load(f"{out}.lrs{rank}", weights_only=False) == expected
+
+
+@pytest.mark.parametrize("policy, w, n", [("timeprest_i", 3, 2), ("pipedream", 2, 1)])
+def test_clipping_by_value_matches_the_reference(tmp_path, policy, w, n):
+    """Each stage clips its gradients elementwise before each of its updates (what Lightning does before a step)."""
+    got = _run(tmp_path, policy, w, n, "sgd", "graph", "--clip", "0.002", "--clip-algorithm", "value")
+    ref = reference(policy, w, n, optimizer="sgd", rule="graph", epochs=2, clip_value=0.002)
+    assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
+    unclipped = reference(policy, w, n, optimizer="sgd", rule="graph", epochs=2)
+    assert any(not torch.allclose(ref[k], unclipped[k], atol=1e-5) for k in ref)  # the clipping was active

@@ -68,7 +68,7 @@ def test_unsupported_setups_fail_at_start(model, trainer_kwargs, message):
 @pytest.mark.parametrize(
     "trainer_kwargs, message",
     [
-        ({"gradient_clip_val": 1.0}, "gradient_clip_val is not supported yet with the asynchronous 'timeprest_i'"),
+        ({"gradient_clip_val": 1.0}, "gradient_clip_algorithm='norm' does not apply to the asynchronous 'timeprest_i'"),
         # what precision="16-mixed" gives on a GPU: autocast with a loss scaler
         ({"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}, "16-mixed"),
     ],
