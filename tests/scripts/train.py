@@ -148,6 +148,7 @@ def main() -> None:
     p.add_argument("--sharded", action="store_true", help="sharded_checkpoint=True")
     p.add_argument("--per-device", type=int, default=1, help="processes_per_device")
     p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
+    p.add_argument("--accelerator", default="cpu", help="cpu|gpu (the GPU check script)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -198,7 +199,7 @@ def main() -> None:
         kw = {"devices": 1}
     trainer = Trainer(
         **kw,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
