@@ -13,7 +13,6 @@ part of the schedule; the gradients it produced are set aside until Lightning's 
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -39,7 +38,6 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 from torch.optim import Optimizer
-from torch.utils.data import Dataset, IterableDataset
 from torchmetrics import Metric
 
 from lightning_timeprest import checkpoint as ckpt
@@ -62,7 +60,8 @@ from lightning_timeprest.partition import (
     replicated_parameters,
     tensor_holders,
 )
-from lightning_timeprest.runtime import PipelineRuntime, StageBoundary, StageModule, StageRunner
+from lightning_timeprest.runtime import PipelineRuntime, StageModule, StageRunner
+from lightning_timeprest.sample import sample_call, sandbox
 from lightning_timeprest.schedules import (
     ASYNCHRONOUS_SCHEDULES,
     SCHEDULES,
@@ -82,6 +81,8 @@ from lightning_timeprest.tracing import (
 from lightning_timeprest.versions import POLICIES, significance_function
 
 __all__ = ["PipelineConfigError", "PipelineStrategyMixin", "TiMePReStStrategy"]
+
+CPU = torch.device("cpu")
 
 
 class PipelineConfigError(ValueError):
@@ -157,14 +158,6 @@ def _release(module: nn.Module, keep: set[int]) -> None:
                 sub._buffers[name] = torch.empty_like(b, device="meta")
 
 
-_SAMPLE_SOURCES = {
-    "fit": ("fit_loop", "training_step"),
-    "validate": ("validate_loop", "validation_step"),
-    "test": ("test_loop", "test_step"),
-    "predict": ("predict_loop", "predict_step"),
-}
-
-
 class _AgreeingStep:
     """``GradScaler.step`` after the stages agreed on whether any of them found inf/NaN gradients (every stage then
     skips the step, and ``update()`` changes the scale alike everywhere)."""
@@ -184,70 +177,11 @@ class _AgreeingStep:
         return self.step(optimizer, *args, **kwargs)
 
 
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _first_loader(loaders: Any) -> Any:
-    """The first dataloader of what a ``*_dataloader`` hook returned (one, a list, a dict, a CombinedLoader)."""
-    flattened = getattr(loaders, "flattened", None)
-    if flattened is not None:
-        loaders = flattened
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return _first_loader(loaders[0]) if loaders else None
-    return loaders
-
-
-def _first_batch(loader: Any) -> Any:
-    """A batch like the loader's first, built without touching its sampler (whose random state must stay as is):
-    the first ``batch_size`` samples of a map-style dataset through the loader's ``collate_fn``."""
-    if loader is None:
-        return None
-    dataset, size = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
-    if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset) and size:
-        count = min(size, len(dataset))  # type: ignore[arg-type]
-        return loader.collate_fn([dataset[i] for i in range(count)]) if count else None
-    generators = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
-    states = [(g, g.get_state()) for g in generators if isinstance(g, torch.Generator)]
-    try:
-        return next(iter(loader), None)
-    finally:
-        for g, state in states:
-            g.set_state(state)
-
-
 def _first_block(stage: TracedStage) -> Callable[[Any], Any]:
     def run(call: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
         return stage.run_layers(stage.entry(*call))
 
     return run
-
-
-@contextmanager
-def _sandbox(module: nn.Module) -> Iterator[None]:
-    """Run setup-time samples and profiles without a trace: random states and buffers are restored after."""
-    buffers = [(b, b.detach().clone()) for b in module.buffers() if not b.is_meta]
-    py_state = random.getstate()
-    np_state = None
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        np = None  # type: ignore[assignment]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, value in buffers:
-                    b.copy_(value)
-            random.setstate(py_state)
-            if np is not None and np_state is not None:
-                np.random.set_state(np_state)
 
 
 def _materialize_held(module: nn.Module, device: torch.device, keep: set[int]) -> None:
@@ -731,7 +665,7 @@ class PipelineStrategyMixin:
         prefix = f"{name}." if name else ""
         w = self.num_stages
         meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-        with _sandbox(module):
+        with sandbox(module):
             sample = self._agreed(self._sample_call(module, target))
             tm: TracedModel | None = None
             if traced:
@@ -925,57 +859,8 @@ class PipelineStrategyMixin:
         return rows
 
     def _sample_call(self, module: Any, target: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        """The arguments of the pipelined module's call in the user's step on the first batch, or ``None``.
-
-        Runs the step of the current stage of the Trainer (``training_step`` when fitting) on one batch from a
-        fresh dataloader until it calls the pipelined module (logging disabled, no gradients); the caller restores
-        every random state and buffer afterwards, so the run leaves no trace on training.
-        """
-        trainer = module.trainer
-        fn = getattr(trainer.state.fn, "value", "fit")
-        loop_name, hook = _SAMPLE_SOURCES.get(fn, _SAMPLE_SOURCES["fit"])
-        source = getattr(getattr(trainer, loop_name, None), "_data_source", None)
-        self._sample_problem = f"no {fn} dataloader"
-        if source is None or not source.is_defined():
-            return None
-        try:
-            batch = _first_batch(_first_loader(source.dataloader()))
-        except Exception as err:
-            self._sample_problem = f"taking a batch from the {fn} dataloader failed: {err!r}"
-            return None
-        if batch is None:
-            self._sample_problem = f"the {fn} dataloader is empty"
-            return None
-        batch = self.batch_to_device(batch, torch.device("cpu"))
-        captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-        def capture(*args: Any, **kwargs: Any) -> Any:
-            captured.append((args, kwargs))
-            raise StageBoundary
-
-        saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
-        module.log = module.log_dict = _ignore
-        target.forward = capture
-        try:
-            with torch.no_grad():
-                getattr(module, hook)(batch, 0)
-        except StageBoundary:
-            pass
-        except Exception as err:
-            self._sample_problem = f"{hook} failed on the sample batch before calling the module: {err!r}"
-        finally:
-            target.__dict__.pop("forward", None)
-            for k in ("log", "log_dict"):
-                module.__dict__.pop(k, None)
-            module.__dict__.update(saved)
-        if not captured:
-            if "failed" not in self._sample_problem:
-                self._sample_problem = (
-                    f"{hook} did not call it (a step must call the pipelined module, e.g. self(x) whose forward calls "
-                    "it; or name the module your step calls with module_name=...)"
-                )
-            return None
-        return captured[0]
+        call, self._sample_problem = sample_call(module, target, lambda batch: self.batch_to_device(batch, CPU))
+        return call
 
     def _sample_microbatch(self, sample: tuple[tuple[Any, ...], dict[str, Any]], traced: bool) -> Any:
         try:
