@@ -1,0 +1,222 @@
+"""Staleness and weight versions of the asynchronous policies, per stage, for several (W, N).
+
+For each policy and (W, N), the demo's MLP trains for a number of steps under the real engine (W processes over
+gloo), and every backward's degree of staleness ``d`` (SPEC: optimizer steps the stage has taken when the backward
+runs, minus the version its forward used) is collected on every stage, with the weight versions each stage held
+at most. Beside the measured numbers, the static nF1B schedule's own ``d`` (``schedules.staleness``, for the
+policies whose forwards read the live weights) is the expectation the measured steady state must meet.
+
+    python benchmarks/staleness.py --quick     # W in {2, 3, 4}, a few minutes on 2 CPU cores
+    python benchmarks/staleness.py             # W up to 6, N up to 4, static and dynamic replay
+
+Writes ``benchmarks/results/staleness.{json,md,png}`` with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+POLICIES = ("timeprest_v", "timeprest", "timeprest_i", "pipedream")
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    from lightning.pytorch import Callback, Trainer, seed_everything
+    from torch.utils.data import DataLoader, TensorDataset
+
+    sys.path.insert(0, str(ROOT))
+    import lightning_timeprest
+    from examples.spirals import SpiralClassifier
+
+    class Collect(Callback):
+        """Keeps every backward's d on this stage (the engine hands them out per step in ``take_stats``)."""
+
+        def __init__(self) -> None:
+            self.staleness: list[int] = []
+            self.versions_held = 0
+
+        def on_train_start(self, trainer, pl_module):
+            engine = trainer.strategy._engine
+            take = engine.take_stats
+
+            def take_and_keep():
+                stats = take()
+                self.staleness += stats.staleness
+                self.versions_held = max(self.versions_held, stats.versions_held)
+                return stats
+
+            engine.take_stats = take_and_keep
+
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    n = args.batch_size * args.steps
+    data = TensorDataset(torch.randn(n, 16, generator=g), torch.randint(0, 5, (n,), generator=g))
+    model = SpiralClassifier(num_features=16, num_classes=5, width=64, depth=max(4, args.devices + 1))
+    collect = Collect()
+    strategy = lightning_timeprest.TiMePReStStrategy(
+        schedule=args.policy, num_microbatches=None if args.policy == "pipedream" else args.n, dynamic=args.dynamic
+    )
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=args.devices,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[collect],
+    )
+    trainer.fit(model, DataLoader(data, batch_size=args.batch_size))
+    stage = trainer.strategy.stage
+    out = {"stage": stage, "staleness": collect.staleness, "versions_held": collect.versions_held}
+    Path(f"{args.out}.stage{stage}").write_text(json.dumps(out))
+
+
+def static_staleness(w: int, n: int, minibatches: int) -> list[list[int]]:
+    """d of the static nF1B schedule (forwards reading the live weights), per stage."""
+    from lightning_timeprest.schedules import nf1b, pipedream_1f1b, staleness
+
+    schedule = pipedream_1f1b(w, minibatches) if n == 0 else nf1b(w, n, minibatches)
+    return staleness(schedule)
+
+
+def run(config: dict, steps: int, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result"
+        cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--steps", str(steps)]
+        cmd += ["--batch-size", str(batch_size), "--policy", config["policy"], "--devices", str(config["w"])]
+        cmd += ["--n", str(config["n"])] + (["--dynamic"] if config["dynamic"] else [])
+        env = {k: v for k, v in os.environ.items() if k not in {"MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"}}
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
+        stages = sorted((json.loads(p.read_text()) for p in Path(tmp).glob("result.stage*")), key=lambda r: r["stage"])
+    return {**config, "stages": stages}
+
+
+def summary(values: list[int]) -> dict:
+    if not values:
+        return {"mean": 0.0, "max": 0, "histogram": {}}
+    return {
+        "mean": sum(values) / len(values),
+        "max": max(values),
+        "histogram": {str(d): c for d, c in sorted(Counter(values).items())},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--policy", default="timeprest_v", help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--dynamic", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    quick = args.quick
+    steps = args.steps or (16 if quick else 48)
+    configs = []
+    for w in (2, 3, 4) if quick else (2, 3, 4, 6):
+        for n in (2, 3) if quick else (1, 2, 3, 4):
+            for policy in ("timeprest_v", "timeprest", "timeprest_i"):
+                if policy == "timeprest_v" and w > n + 1:
+                    continue  # refused: V-TiMePReSt is staleness-free only for W <= N + 1
+                for dynamic in (False,) if quick else (False, True):
+                    configs.append({"policy": policy, "w": w, "n": n, "dynamic": dynamic})
+        configs.append({"policy": "pipedream", "w": w, "n": 1, "dynamic": False})
+    rows = []
+    for config in configs:
+        result = run(config, steps, args.batch_size)
+        expected = static_staleness(config["w"], 0 if config["policy"] == "pipedream" else config["n"], steps)
+        for stage in result["stages"]:
+            s = stage["stage"]
+            rows.append(
+                {
+                    **config,
+                    "stage": s,
+                    "measured": summary(stage["staleness"]),
+                    "static": summary(expected[s]) if config["policy"] != "timeprest" else None,
+                    "versions_held": stage["versions_held"],
+                }
+            )
+        print(f"done: {config}", flush=True)
+
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    report = {"machine": machine, "steps": steps, "batch_size": args.batch_size, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "staleness.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        "| policy | W | N | replay | stage | mean d | max d | d histogram (d: count) | static mean d | versions held |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        hist = ", ".join(f"{d}: {c}" for d, c in r["measured"]["histogram"].items())
+        static = f"{r['static']['mean']:.2f}" if r["static"] else "-"
+        lines.append(
+            f"| {r['policy']} | {r['w']} | {r['n']} | {'dynamic' if r['dynamic'] else 'static'} | {r['stage']} "
+            f"| {r['measured']['mean']:.2f} | {r['measured']['max']} | {hist} | {static} | {r['versions_held']} |"
+        )
+    lines += [
+        "",
+        f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}; the demo's MLP, "
+        f"{steps} steps of batch {args.batch_size} per configuration (one epoch, drained at its end).",
+    ]
+    (RESULTS / "staleness.md").write_text("\n".join(lines) + "\n")
+    plot(rows, RESULTS / "staleness.png")
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Mean d per stage, one panel per policy, one line per (W, N) (static replay)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(POLICIES), figsize=(4 * len(POLICIES), 3.4), sharey=True)
+    for ax, policy in zip(axes, POLICIES, strict=True):
+        keys = sorted({(r["w"], r["n"]) for r in rows if r["policy"] == policy and not r["dynamic"]})
+        for w, n in keys:
+            points = sorted(
+                (r["stage"], r["measured"]["mean"], r["versions_held"])
+                for r in rows
+                if (r["policy"], r["w"], r["n"], r["dynamic"]) == (policy, w, n, False)
+            )
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"W={w}, N={n}")
+        ax.set_title(policy)
+        ax.set_xlabel("stage")
+        ax.set_xticks(range(max((w for w, _ in keys), default=1)))
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("mean degree of staleness d")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
