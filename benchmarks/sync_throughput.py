@@ -1,4 +1,5 @@
-"""Throughput of the synchronous pipeline schedules against single-device training of the same model.
+"""Throughput of the synchronous pipeline schedules against single-device training of the same model, and
+against torch.distributed.pipelining's own GPipe and 1F1B schedules on the same model and split.
 
 Each configuration trains the demo's MLP (``examples/spirals.py``, made deeper and wider so that a step is
 not all overhead) for a fixed number of steps in its own ``Trainer.fit``; the time between the end of the
@@ -82,6 +83,69 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({"seconds": clock.seconds, "samples": clock.samples}))
 
 
+def peer_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    """torch.distributed.pipelining's own ScheduleGPipe / Schedule1F1B on the same MLP, split as the strategy
+    splits it by parameters, with the optimizer stepped after each ``schedule.step``: the peer in the same run."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    sys.path.insert(0, str(ROOT))
+    from examples.spirals import SpiralClassifier
+    from lightning_timeprest.partition import plan_sequential
+
+    torch.set_num_threads(1)  # as Lightning's launcher sets for each of its processes
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=args.devices)
+    torch.manual_seed(0)
+    model = SpiralClassifier(num_features=16, num_classes=5, width=args.width, depth=args.depth)
+    plan = plan_sequential("layers", model.layers, args.devices)
+    layers = torch.nn.Sequential(*[model.layers[int(n)] for n in plan.layers_of(rank)])
+    stage = PipelineStage(layers, rank, args.devices, torch.device("cpu"))
+    schedule_class = ScheduleGPipe if args.strategy == "peer-gpipe" else Schedule1F1B
+    schedule = schedule_class(stage, n_microbatches=args.n, loss_fn=F.cross_entropy)
+    optimizer = torch.optim.AdamW(layers.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(args.batch_size, 16, generator=g), torch.randint(0, 5, (args.batch_size,), generator=g)
+    start = 0.0
+    for step in range(args.steps):
+        if step == args.warmup:
+            dist.barrier()
+            start = time.perf_counter()
+        optimizer.zero_grad()
+        if rank == 0:
+            schedule.step(x)
+        elif rank == args.devices - 1:
+            schedule.step(target=y)
+        else:
+            schedule.step()
+        optimizer.step()
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        samples = args.batch_size * (args.steps - args.warmup)
+        Path(out).write_text(json.dumps({"seconds": seconds, "samples": samples}))
+    dist.destroy_process_group()
+
+
+def run_peer(config: dict, args: argparse.Namespace) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        peer_args = argparse.Namespace(**{**vars(args), "strategy": config["strategy"], "n": config["n"]})
+        peer_args.devices = config["devices"]
+        mp.spawn(peer_worker, args=(peer_args, port, out), nprocs=config["devices"], join=True)
+        measured = json.loads(Path(out).read_text())
+    return {**config, **measured, "samples_per_s": measured["samples"] / measured["seconds"]}
+
+
 def run(config: dict, common: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -117,8 +181,9 @@ def main() -> None:
     common += ["--width", str(width), "--depth", str(args.depth)]
     configs = [{"strategy": "single", "devices": 1, "n": 1}]
     for n in [4] if args.quick else [2, 4, 8]:
-        configs += [{"strategy": s, "devices": 2, "n": n} for s in ("gpipe", "1f1b")]
-    rows = [run(c, common) for c in configs]
+        configs += [{"strategy": s, "devices": 2, "n": n} for s in ("gpipe", "1f1b", "peer-gpipe", "peer-1f1b")]
+    args.steps, args.width = steps, width
+    rows = [run_peer(c, args) if c["strategy"].startswith("peer-") else run(c, common) for c in configs]
     base = rows[0]["samples_per_s"]
     for row in rows:
         row["ratio_to_single_device"] = row["samples_per_s"] / base
@@ -145,6 +210,10 @@ def main() -> None:
         "",
         f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}; MLP width {width}, "
         f"depth {args.depth}, batch {args.batch_size}, {steps} steps after {args.warmup} warm-up steps.",
+        "",
+        "`peer-*`: torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B on the same MLP and split, in a",
+        "bare loop (one fixed batch, no Lightning loop, no logging, no data loader); the strategy's rows include",
+        "Lightning's loop, the batch sent from stage 0 to the last stage and the logged values sent to every rank.",
     ]
     (RESULTS / "sync_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
