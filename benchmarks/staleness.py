@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,11 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import machine as machine_info  # noqa: E402  (benchmarks/common.py)
+from common import worker_env  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 POLICIES = ("timeprest_v", "timeprest", "timeprest_i", "pipedream")
 
@@ -97,8 +100,7 @@ def run(config: dict, steps: int, batch_size: int) -> dict:
         cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--steps", str(steps)]
         cmd += ["--batch-size", str(batch_size), "--policy", config["policy"], "--devices", str(config["w"])]
         cmd += ["--n", str(config["n"])] + (["--dynamic"] if config["dynamic"] else [])
-        env = {k: v for k, v in os.environ.items() if k not in {"MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"}}
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=tmp, env=worker_env(), capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
         stages = sorted((json.loads(p.read_text()) for p in Path(tmp).glob("result.stage*")), key=lambda r: r["stage"])
@@ -131,8 +133,6 @@ def main() -> None:
         worker(args)
         return
 
-    import torch
-
     quick = args.quick
     steps = args.steps or (16 if quick else 48)
     configs = []
@@ -161,13 +161,7 @@ def main() -> None:
             )
         print(f"done: {config}", flush=True)
 
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+    machine = machine_info()
     report = {"machine": machine, "steps": steps, "batch_size": args.batch_size, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "staleness.json").write_text(json.dumps(report, indent=2))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import machine as machine_info  # noqa: E402  (benchmarks/common.py)
+from common import worker_env  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -151,8 +155,7 @@ def run(config: dict, common: list[str]) -> dict:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--worker", "--out", str(out), *common]
         cmd += ["--strategy", config["strategy"], "--devices", str(config["devices"]), "--n", str(config["n"])]
-        env = {k: v for k, v in os.environ.items() if k not in {"MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"}}
-        subprocess.run(cmd, check=True, cwd=tmp, env=env, capture_output=True, text=True)
+        subprocess.run(cmd, check=True, cwd=tmp, env=worker_env(), capture_output=True, text=True)
         measured = json.loads(out.read_text())
     return {**config, **measured, "samples_per_s": measured["samples"] / measured["seconds"]}
 
@@ -187,15 +190,8 @@ def main() -> None:
     base = rows[0]["samples_per_s"]
     for row in rows:
         row["ratio_to_single_device"] = row["samples_per_s"] / base
-    import torch
 
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+    machine = machine_info()
     report = {"machine": machine, "model": {"width": width, "depth": args.depth}, "steps": steps, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sync_throughput.json").write_text(json.dumps(report, indent=2))

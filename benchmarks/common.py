@@ -1,0 +1,27 @@
+"""What every benchmark records and how it starts its worker processes."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+#: variables a launched rank leaves behind; a new worker run must not mistake itself for one
+_LAUNCHED = {"MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"}
+
+
+def machine() -> dict[str, object]:
+    """The machine a benchmark ran on, for its report."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def worker_env() -> dict[str, str]:
+    """The environment for a fresh worker run (Lightning's launcher then starts the other ranks)."""
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCHED}
