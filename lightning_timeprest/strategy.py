@@ -42,7 +42,7 @@ from torchmetrics import Metric
 
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import metrics
-from lightning_timeprest.async_runtime import AsyncRuntime
+from lightning_timeprest.async_runtime import AsyncRuntime, StepStats
 from lightning_timeprest.comm import PipelineGroups, StageComm, destroy_pipeline_groups, new_pipeline_groups
 from lightning_timeprest.microbatch import batch_size, join, split
 from lightning_timeprest.partition import (
@@ -395,6 +395,8 @@ class PipelineStrategyMixin:
         self._queued: list[Callable[[], None]] = []  # logging owed by drains that ran outside a training step
         self._last_loss = torch.tensor(float("nan"))
         self._step_clock = time.perf_counter()
+        self._version_difference = 0  # v of the schedule in use (0 for the synchronous ones)
+        self._sync_clock: float | None = None  # synchronous: when the previous training step's record was taken
         self._owners: list[int] = []
 
     # -- topology -------------------------------------------------------------------------------------------
@@ -510,6 +512,7 @@ class PipelineStrategyMixin:
         module = self.lightning_module
         fitting = trainer.state.fn == "fit"
         self._check_supported(trainer, module, fitting)
+        self._sync_clock = None
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see _stage0_batch).
         if self.num_replicas == 1:
@@ -1182,9 +1185,15 @@ class PipelineStrategyMixin:
             self._queued.append(replay)
 
     def _log_stats(self, stage: int, record: Tensor, in_step: bool = True) -> None:
-        """Rank 0 logs one stage's record of one step under ``pipeline/stage{stage}/...``."""
+        """Rank 0 logs one stage's record of one step under ``pipeline/stage{stage}/...``.
+
+        Only when the trainer has a logger: ``self.log`` costs about as much as a small layer's forward, and a
+        dozen calls per step are measurable on small models.
+        """
         module = self.lightning_module
         assert module is not None
+        if not module.trainer.loggers:
+            return
         d_sum, d_count, d_max, versions, nbytes, busy, wait, wall, samples, cuda_peak = record.tolist()
         prefix = f"pipeline/stage{stage}/"
         values: list[tuple[str, float, str, int]] = [
@@ -1321,8 +1330,10 @@ class PipelineStrategyMixin:
         # evaluation is forward-only, for which every synchronous schedule is gpipe's forward order
         schedule = self._schedule(self.schedule_name if train else "gpipe", len(sizes))
         scope = metrics.metric_step_scope(module) if runtime.is_last else nullcontext()
+        start, waited = time.perf_counter(), runtime.comm.wait_seconds
         with context(), scope:
             result = runtime.run(schedule, call_user, train=train, loss_of=_loss_of, loss_weights=weights)
+        record = self._sync_stats_record(start, runtime.comm.wait_seconds - waited, total) if train else None
 
         payload = None
         if runtime.is_last:
@@ -1333,9 +1344,41 @@ class PipelineStrategyMixin:
                 value = move_data_to_device(join(result.outputs), "cpu") if hook == "predict_step" else None
             logged = metrics.reduce_logged(module, capture.calls, sizes)
             payload = (value, logged, metrics.metric_states(module, logged))
-        value, logged, states = runtime.comm.broadcast_object(payload, self.last_stage)
+        if record is None:
+            value, logged, states = runtime.comm.broadcast_object(payload, self.last_stage)
+        else:  # one exchange carries the last stage's results to every stage and every stage's record to stage 0
+            gathered = runtime.comm.all_gather_objects((payload, record))
+            value, logged, states = gathered[self.last_stage][0]
+            if runtime.is_first:
+                for s, (_, stage_record) in enumerate(gathered):
+                    self._log_stats(s, stage_record)
         metrics.replay(module, logged, states)
         return value
+
+    def _sync_stats_record(self, start: float, wait_s: float, samples: int) -> Tensor:
+        """This stage's record of one synchronous training step (the same fields as the asynchronous engine's).
+
+        Busy time is the schedule's run less the time blocked on transfers; wall time runs from the previous
+        step's record, so Lightning's loop between steps counts as idle, as it does for the asynchronous policies.
+        """
+        module = self.lightning_module
+        assert module is not None
+        now = time.perf_counter()
+        params = [p for p in module.parameters() if not p.is_meta]
+        stats = StepStats(
+            versions_held=1,
+            weight_bytes=sum(p.numel() * p.element_size() for p in params),
+            busy_s=max(0.0, now - start - wait_s),
+            wait_s=wait_s,
+            samples=samples,
+        )
+        device = self.root_device
+        if device.type == "cuda":
+            stats.cuda_peak_bytes = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        wall = now - (self._sync_clock if self._sync_clock is not None else start)
+        self._sync_clock = now
+        return stats.as_tensor(wall)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 

@@ -63,4 +63,3 @@ def test_model_trains_under_every_schedule(tmp_path, model, stages):
                     assert torch.isfinite(value).all(), (schedule, key)
                 if key.endswith(("weight", "bias")):
                     assert not torch.equal(value, initial[key]), (schedule, key)
-            assert run["metrics"]["pipeline/v"] >= 0

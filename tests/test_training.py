@@ -50,6 +50,18 @@ def test_stage_placement(tmp_path):
         assert names == outside | {f"{layer}.{p}" for layer in expected[rank] for p in ("weight", "bias")}
         assert set(placement["optimizer"]) == names
         assert all(device == "cpu" for device in placement["params"].values())
+    # the synchronous stage records reach rank 0's logger: one version, this stage's parameter bytes, samples/s
+    result = torch.load(out, weights_only=False)
+    logged = result["pipeline"][-1]
+    for rank in range(4):
+        names = torch.load(f"{out}.rank{rank}")["params"]
+        nbytes = sum(result["state_dict"][n].numel() * result["state_dict"][n].element_size() for n in names)
+        assert logged[f"pipeline/stage{rank}/weight_bytes_step"] == nbytes
+        assert logged[f"pipeline/stage{rank}/versions_held_step"] == 1
+        assert 0.0 <= logged[f"pipeline/stage{rank}/idle_fraction_step"] < 1.0
+        assert logged[f"pipeline/stage{rank}/samples_per_sec_step"] > 0
+        assert f"pipeline/stage{rank}/staleness_mean_step" not in logged
+    assert logged["pipeline/v_step"] == 0
 
 
 @pytest.mark.parametrize("model", ["TiedLM", "DictBatch"])
