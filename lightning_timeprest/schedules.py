@@ -26,6 +26,7 @@ __all__ = [
     "ScheduleError",
     "StreamPlan",
     "build_schedule",
+    "busy_fractions",
     "gpipe",
     "nf1b",
     "one_f_one_b",
@@ -436,6 +437,44 @@ def bubble_fraction(schedule: Schedule) -> float:
     grid = simulate(schedule)
     slots = len(grid[0]) * len(grid)
     return sum(op is None for row in grid for op in row) / slots
+
+
+def busy_fractions(schedule: Schedule, forward_cost: float = 1.0, backward_cost: float = 2.0) -> list[float]:
+    """Each stage's compute time over the schedule's span when ops take the given times: the ideal a stage's
+    measured busy time over wall time is compared with.
+
+    Every op starts as soon as its stage is free and its inputs exist (no transfer time). A synchronous backward
+    covers one micro-batch and costs ``backward_cost``; an asynchronous one covers the mini-batch's N
+    micro-batches and costs N times that. The default 1:2 is the usual forward:backward ratio of dense layers;
+    with ``backward_cost=1`` this is the unit-slot model of :func:`simulate` and :func:`bubble_fraction`.
+    """
+    end: dict[tuple[int, Op], float] = {}
+    free = [0.0] * schedule.num_stages
+    busy = [0.0] * schedule.num_stages
+    cursor = [0] * schedule.num_stages
+    remaining = sum(len(ops) for ops in schedule.stage_ops)
+    while remaining:
+        progressed = False
+        for s, ops in enumerate(schedule.stage_ops):
+            while cursor[s] < len(ops):
+                op = ops[cursor[s]]
+                deps = list(_dependencies(op, s, schedule))
+                if any(dep not in end for dep in deps):
+                    break
+                if op.kind is OpKind.FORWARD:
+                    cost = forward_cost
+                else:
+                    cost = backward_cost * (1 if op.microbatch is not None else schedule.num_microbatches)
+                start = max([free[s], *(end[dep] for dep in deps)])
+                end[(s, op)] = free[s] = start + cost
+                busy[s] += cost
+                cursor[s] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ScheduleError(f"schedule {schedule.name!r} deadlocks")
+    span = max(free)
+    return [b / span for b in busy]
 
 
 def validate(schedule: Schedule) -> Schedule:

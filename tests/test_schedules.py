@@ -8,6 +8,7 @@ from lightning_timeprest.schedules import (
     StreamPlan,
     bubble_fraction,
     build_schedule,
+    busy_fractions,
     gpipe,
     nf1b,
     one_f_one_b,
@@ -45,6 +46,23 @@ def test_synchronous_bubbles_are_equal_and_match_theory(w, n):
     expected = (w - 1) / (n + w - 1)
     assert bubble_fraction(gpipe(w, n)) == pytest.approx(expected)
     assert bubble_fraction(one_f_one_b(w, n)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("w,n", [(2, 4), (3, 2), (4, 8)])
+def test_busy_fractions(w, n):
+    # one slot per op is the unit-slot model's bubble (an asynchronous backward covers N micro-batches)
+    for schedule in (gpipe(w, n), one_f_one_b(w, n)):
+        assert busy_fractions(schedule, 1.0, 1.0) == pytest.approx([1 - bubble_fraction(schedule)] * w)
+    for schedule in (nf1b(w, n, 6), pipedream_1f1b(w, 6)):
+        per_op = 1.0 / schedule.num_microbatches
+        assert busy_fractions(schedule, 1.0, per_op) == pytest.approx([1 - bubble_fraction(schedule)] * w)
+    # a flushed pipeline's bubble does not depend on the forward:backward ratio
+    assert busy_fractions(gpipe(w, n)) == pytest.approx([n / (n + w - 1)] * w)
+    # a stream without flushes fills once: in the unit-slot model its busy fraction approaches 1 as mini-batches
+    # go by; when a backward costs twice its forwards, the fixed nF1B order leaves stages waiting on each other
+    short, long = busy_fractions(nf1b(w, n, 4), 1.0, 1.0 / n), busy_fractions(nf1b(w, n, 64), 1.0, 1.0 / n)
+    assert all(a < b for a, b in zip(short, long, strict=True)) and min(long) > 0.9
+    assert all(0 < f < b for f, b in zip(busy_fractions(nf1b(w, n, 64)), long, strict=True))
 
 
 def test_single_stage():
