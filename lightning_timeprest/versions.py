@@ -125,6 +125,7 @@ class VersionStore:
         self._keep_from: int | None = None  # vertical sync: versions >= this may still be read by a forward
         self.param_bytes = sum(p.numel() * p.element_size() for p in params)
         self.peak_versions = 1
+        self._temporaries = 0  # copies alive only during backwards: W~ and the graph rule's saved live weights
 
     # -- what forwards read ----------------------------------------------------------------------------------
 
@@ -225,12 +226,18 @@ class VersionStore:
             yield
             return
         saved = [s.clone() for s in leaves.storage]
+        held = [self.params[0].data, *(snapshot[0] for snapshot in self.snapshots.values())]
+        # the copy of what the storage held, and W~ unless ``values`` is a version the store holds anyway
+        extra = 1 + (0 if any(values[0].data_ptr() == h.data_ptr() for h in held) else 1)
+        self._temporaries += extra
+        self.peak_versions = max(self.peak_versions, self.versions_held + self._temporaries)
         with torch.no_grad():
             for s, v in zip(leaves.storage, values, strict=True):
                 s.copy_(v)
         try:
             yield
         finally:
+            self._temporaries -= extra
             with torch.no_grad():
                 for s, v in zip(leaves.storage, saved, strict=True):
                     s.copy_(v)
