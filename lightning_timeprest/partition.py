@@ -244,12 +244,16 @@ def profile_blocks(
         module.to(device)
         times = []
         saved = 0
+        # autograd saves the weights too (a Linear keeps its weight for the input's gradient): they are counted
+        # once below, not once per micro-batch in flight
+        weight_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
         for r in range(repeats + 1):
             inputs = _detached(x)
             seen: dict[int, int] = {}
 
-            def pack(t: Tensor, seen: dict[int, int] = seen) -> Tensor:
-                seen.setdefault(id(t), t.numel() * t.element_size())
+            def pack(t: Tensor, seen: dict[int, int] = seen, weights: set[int] = weight_storages) -> Tensor:
+                if t.untyped_storage().data_ptr() not in weights:
+                    seen.setdefault(id(t), t.numel() * t.element_size())
                 return t
 
             _sync(device)
