@@ -48,6 +48,7 @@ _DTYPES: tuple[torch.dtype, ...] = (
 )
 _HEADER_LEN = 256
 _TENSOR, _TUPLE, _LIST, _TREE = 0, 1, 2, 3
+_PICKLED = -2  # isend_value: the value follows pickled whole
 
 
 class _Slot:
@@ -325,6 +326,51 @@ class StageComm:
                 work = dist.isend(t, self._rank_of(dst_stage), group=self.groups.control)
                 self._pending.append((work, [t]))
 
+    def isend_value(self, value: Any, dst_stage: int) -> None:
+        """Send a pytree of CPU tensors and plain values (a batch) over the control group without waiting: the
+        tensors travel as tensors, only the structure around them is pickled (unpickling a tensor costs far more
+        than receiving it). Pair with :meth:`recv_value`."""
+        kind, tensors, structure = _flatten(value)
+        header = [kind, len(tensors), len(structure)]
+        for t in tensors:
+            header += [_DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1, t.dim(), *t.shape]
+        pickled = len(header) > _HEADER_LEN or -1 in header[3:]  # too many tensors or an unusual dtype
+        buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+        if pickled:
+            buf[0] = _PICKLED
+        else:
+            buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
+        if pickled:
+            with self._control(f"sending to stage {dst_stage}"):
+                work = dist.isend(buf, self._rank_of(dst_stage), group=self.groups.control)
+                self._pending.append((work, [buf]))
+            self.isend_object(value, dst_stage)
+            return
+        parts = [buf] + ([torch.frombuffer(bytearray(structure), dtype=torch.uint8)] if structure else [])
+        with self._control(f"sending to stage {dst_stage}"):
+            for t in parts + [t.detach().contiguous() for t in tensors]:
+                work = dist.isend(t, self._rank_of(dst_stage), group=self.groups.control)
+                self._pending.append((work, [t]))
+
+    def recv_value(self, src_stage: int) -> Any:
+        """Receive what :meth:`isend_value` sent, waiting at most ``timeout``."""
+        group, what = self.groups.control, "the batch"
+        values = self._recv(torch.empty(_HEADER_LEN, dtype=torch.int64), src_stage, group, what).tolist()
+        kind, count, nbytes, pos = values[0], values[1], values[2], 3
+        if kind == _PICKLED:
+            return self.recv_object_from(src_stage)
+        structure = b""
+        if nbytes:
+            raw = self._recv(torch.empty(nbytes, dtype=torch.uint8), src_stage, group, what)
+            structure = raw.numpy().tobytes()
+        tensors = []
+        for _ in range(count):
+            dtype, ndim = _DTYPES[values[pos]], values[pos + 1]
+            shape = values[pos + 2 : pos + 2 + ndim]
+            pos += 2 + ndim
+            tensors.append(self._recv(torch.empty(shape, dtype=dtype), src_stage, group, what))
+        return _unflatten(kind, tensors, structure)
+
     def recv_object_from(self, src_stage: int) -> Any:
         """Receive an object sent with :meth:`isend_object`, waiting at most ``timeout``."""
         size = self._recv(torch.empty(1, dtype=torch.int64), src_stage, self.groups.control, "step results")
@@ -344,16 +390,6 @@ class StageComm:
                 f"stage {self.stage} (rank {dist.get_rank()}) failed while {what}; another stage of the pipeline "
                 f"crashed, was killed or stopped answering: {err}"
             ) from err
-
-    def send_object(self, obj: Any, dst_stage: int) -> None:
-        with self._control(f"sending to stage {dst_stage}"):
-            dist.send_object_list([obj], dst=self._rank_of(dst_stage), group=self.groups.control)
-
-    def recv_object(self, src_stage: int) -> Any:
-        box: list[Any] = [None]
-        with self._control(f"receiving from stage {src_stage}"):
-            dist.recv_object_list(box, src=self._rank_of(src_stage), group=self.groups.control)
-        return box[0]
 
     def broadcast_object(self, obj: Any, src_stage: int) -> Any:
         box = [obj if self.stage == src_stage else None]

@@ -50,6 +50,19 @@ class LoggedValue:
     metric_path: str | None
     kwargs: dict[str, Any]
 
+    # sent to every stage each step: a Python number unpickles far faster than a tensor
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if isinstance(self.value, Tensor) and self.value.device.type == "cpu":
+            state["value"] = (self.value.item(), self.value.dtype)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["value"], tuple):
+            number, dtype = state["value"]
+            state["value"] = torch.tensor(number, dtype=dtype)
+        self.__dict__.update(state)
+
 
 class LogCapture:
     """Records the ``self.log`` calls of a module, one list per micro-batch."""
