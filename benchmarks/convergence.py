@@ -15,7 +15,7 @@ generated CIFAR-shaped set of ``examples/vision.py`` with a thin VGG-16 (an ordi
 classifier dropout off). SGD, momentum 0.9, lr 0.05, batch 32: gpipe needs a few epochs, and the rate is high
 enough that staleness shows (at 0.1 the digits CNN diverges under gpipe too).
 
-    python benchmarks/convergence.py --quick   # about 5 minutes on 2 CPU cores
+    python benchmarks/convergence.py --quick   # about 3 minutes on 2 CPU cores
     python benchmarks/convergence.py           # several hours on 2 CPU cores
 
 ``--quick``: W = 2, N = 2. Digits: 6 epochs, seeds 0, 1, 2, every variant (lambda swept for the graph rule, lambda
@@ -485,7 +485,7 @@ def main() -> None:
         default="all",
         choices=["all", "rules"],
         help="rules: timeprest_v and timeprest_i with each backward_rule, 3 seeds on both datasets "
-        "(writes convergence_rules.*; about 15 minutes on 2 cores)",
+        "(writes convergence_rules.*; about 4 minutes on 2 cores)",
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

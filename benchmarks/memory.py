@@ -39,7 +39,7 @@ start-up. Each measurement is relative to the fit's own drained RSS and peak res
 resident (Python objects, glibc's small-block arenas: kept, not given back) is part of the baseline and not of
 the growth; a fit repeated at the end of a launch measured within 0.2 MiB of its first run.
 
-    python benchmarks/memory.py --quick      # W in {2, 3}, N in {2, 4}: about 3 minutes on 2 CPU cores
+    python benchmarks/memory.py --quick      # W in {2, 3}, N in {2, 4}: about 2 minutes on 2 CPU cores
     python benchmarks/memory.py              # W in {2, 3, 4}, N in {2, 4, 8}, a wider MLP, more steps
     python benchmarks/memory.py --accelerator cuda   # peak CUDA allocation too (stages share a GPU if few)
 

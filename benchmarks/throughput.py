@@ -15,8 +15,8 @@ the time it waits on transfers. Busy over wall time is compared with the schedul
 ``schedules.busy_fractions`` (ops start as soon as their inputs exist, a backward costs twice its forward, no
 transfer time).
 
-    python benchmarks/throughput.py --quick     # the MLP, W = 2, N = 4, every schedule: about 3 minutes on 2 cores
-    python benchmarks/throughput.py             # adds N in {2, 8} and the examples' ResNet-50 and GPT
+    python benchmarks/throughput.py --quick     # the MLP, W = 2, N = 4, every schedule: about a minute on 2 cores
+    python benchmarks/throughput.py             # adds N in {2, 8}, ResNet-50 and a GPT: about 8 minutes
 
 Writes ``benchmarks/results/throughput.{json,md,png}`` with the machine it ran on. On a CPU machine the W
 processes share the cores with each other (and one device uses them all), so a pipeline cannot beat one device
