@@ -9,6 +9,10 @@ import platform
 _LAUNCHED = {"MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"}
 
 
+#: Trainer arguments of every benchmark fit: nothing written, printed or summarised besides what is measured
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+
+
 def machine() -> dict[str, object]:
     """The machine a benchmark ran on, for its report."""
     import torch

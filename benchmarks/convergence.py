@@ -16,13 +16,13 @@ classifier dropout off). SGD, momentum 0.9, lr 0.05, batch 32: gpipe needs a few
 enough that staleness shows (at 0.1 the digits CNN diverges under gpipe too).
 
     python benchmarks/convergence.py --quick   # about 3 minutes on 2 CPU cores
-    python benchmarks/convergence.py           # several hours on 2 CPU cores
+    python benchmarks/convergence.py           # about 40 minutes on 2 CPU cores
 
 ``--quick``: W = 2, N = 2. Digits: 6 epochs, seeds 0, 1, 2, every variant (lambda swept for the graph rule, lambda
 = 1 with recompute). CIFAR-shaped: 1024 training and 512 validation images, VGG-16 at width 1/16, 5 epochs, seed 0,
 gpipe, pipedream, timeprest_v (graph) and timeprest_i (lambda = 1, both rules). Full mode: W = 2 and W = 3 (N = 2),
-every variant (lambda swept for both rules), seeds 0, 1, 2; 30 epochs of digits; 15 epochs of 2000 CIFAR-shaped
-training images (1000 for validation) at width 1/8. ``--datasets digits`` runs one of the two; ``--report-only``
+every variant (lambda swept for both rules), seeds 0, 1, 2; 15 epochs of digits; 10 epochs of the CIFAR-shaped
+set at the quick mode's size. ``--datasets digits`` runs one of the two; ``--report-only``
 rewrites the report from the last run's JSON (e.g. with another ``--target-fraction``) without training.
 
 One worker launch per (dataset, W) runs all its (variant, seed) fits in turn in the same processes (Lightning's
@@ -45,8 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import QUIET, worker_env  # noqa: E402
 from common import machine as machine_info  # noqa: E402  (benchmarks/common.py)
-from common import worker_env  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LAMBDAS = (0.5, 1.0, 2.0)
@@ -220,10 +220,7 @@ def worker(args: argparse.Namespace) -> None:
                 devices=args.devices,
                 max_epochs=args.epochs,
                 num_sanity_val_steps=0,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
+                **QUIET,
                 callbacks=[record],
             )
             trainer.fit(model, **fit_kw)
@@ -527,7 +524,7 @@ def main() -> None:
                     "w": w,
                     "keys": variants(("graph",) if quick else RULES),
                     "seeds": [0, 1, 2],
-                    "settings": {"n": 2, "epochs": 6 if quick else 30, "lr": 0.05, "batch_size": 32},
+                    "settings": {"n": 2, "epochs": 6 if quick else 15, "lr": 0.05, "batch_size": 32},
                 }
             )
         if "cifar" in datasets:
@@ -539,12 +536,12 @@ def main() -> None:
                     "seeds": [0] if quick else [0, 1, 2],
                     "settings": {
                         "n": 2,
-                        "epochs": 5 if quick else 15,
+                        "epochs": 5 if quick else 10,
                         "lr": 0.05,
                         "batch_size": 32,
-                        "width": 1 / 16 if quick else 1 / 8,
-                        "num_train": 1024 if quick else 2000,
-                        "num_val": 512 if quick else 1000,
+                        "width": 1 / 16,
+                        "num_train": 1024,
+                        "num_val": 512,
                     },
                 }
             )

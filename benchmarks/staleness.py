@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import QUIET, worker_env  # noqa: E402
 from common import machine as machine_info  # noqa: E402  (benchmarks/common.py)
-from common import worker_env  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 POLICIES = ("timeprest_v", "timeprest", "timeprest_i", "pipedream")
@@ -74,10 +74,7 @@ def worker(args: argparse.Namespace) -> None:
         accelerator="cpu",
         devices=args.devices,
         max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         callbacks=[collect],
     )
     trainer.fit(model, DataLoader(data, batch_size=args.batch_size))

@@ -40,8 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import QUIET, worker_env  # noqa: E402
 from common import machine as machine_info  # noqa: E402  (benchmarks/common.py)
-from common import worker_env  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEDULES = ("gpipe", "1f1b", "pipedream", "timeprest", "timeprest_v", "timeprest_i")
@@ -170,10 +170,7 @@ def worker(args: argparse.Namespace) -> None:
         accelerator=args.accelerator,
         devices=args.devices,
         max_steps=args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         num_sanity_val_steps=0,
         callbacks=[measure],
     )
