@@ -16,7 +16,7 @@ classifier dropout off). SGD, momentum 0.9, lr 0.05, batch 32: gpipe needs a few
 enough that staleness shows (at 0.1 the digits CNN diverges under gpipe too).
 
     python benchmarks/convergence.py --quick   # about 3 minutes on 2 CPU cores
-    python benchmarks/convergence.py           # about 40 minutes on 2 CPU cores
+    python benchmarks/convergence.py           # about 30 minutes on 2 CPU cores
 
 ``--quick``: W = 2, N = 2. Digits: 6 epochs, seeds 0, 1, 2, every variant (lambda swept for the graph rule, lambda
 = 1 with recompute). CIFAR-shaped: 1024 training and 512 validation images, VGG-16 at width 1/16, 5 epochs, seed 0,
