@@ -16,7 +16,7 @@ the time it waits on transfers. Busy over wall time is compared with the schedul
 transfer time).
 
     python benchmarks/throughput.py --quick     # the MLP, W = 2, N = 4, every schedule: about a minute on 2 cores
-    python benchmarks/throughput.py             # adds N in {2, 8}, ResNet-50 and a GPT: about 8 minutes
+    python benchmarks/throughput.py             # adds N in {2, 8}, ResNet-50 and a GPT: about 10 minutes
 
 Writes ``benchmarks/results/throughput.{json,md,png}`` with the machine it ran on. On a CPU machine the W
 processes share the cores with each other (and one device uses them all), so a pipeline cannot beat one device
@@ -47,6 +47,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SCHEDULES = ("gpipe", "1f1b", "pipedream", "timeprest", "timeprest_v", "timeprest_i")
 PEERS = ("peer-gpipe", "peer-1f1b")
 SYNCHRONOUS = ("gpipe", "1f1b")
+DYNAMIC = "timeprest_v+dynamic"  # V-TiMePReSt with ``dynamic=True``: ops ordered by what has arrived
 
 #: each model: the batch, where it is cut in two (``None``: the strategy's own cut of the model's largest
 #: ``nn.Sequential``; a name: ``split_points`` for the strategy, and the same module, relative to the network,
@@ -160,10 +161,12 @@ def worker(args: argparse.Namespace) -> None:
         strategy: Any = "auto"
     else:
         split = spec["split"]
+        schedule, _, mode = args.strategy.partition("+")
         strategy = lightning_timeprest.TiMePReStStrategy(
-            schedule=args.strategy,
+            schedule=schedule,
             num_microbatches=args.n,
             split_points=[f"model.{split}"] if split else None,
+            dynamic=mode == "dynamic",
         )
     trainer = Trainer(
         strategy=strategy,
@@ -299,7 +302,7 @@ def configurations(quick: bool, w: int, steps: int, warmup: int) -> list[dict[st
         common = {"model": model, "steps": max(warmup + 5, round(steps * MODELS[model]["steps"]))}
         configs.append({**common, "strategy": "single", "devices": 1, "n": 1})
         for n in ns:
-            for strategy in (*SYNCHRONOUS, *PEERS, "timeprest", "timeprest_v", "timeprest_i"):
+            for strategy in (*SYNCHRONOUS, *PEERS, "timeprest", "timeprest_v", "timeprest_i", DYNAMIC):
                 configs.append({**common, "strategy": strategy, "devices": w, "n": n})
         configs.append({**common, "strategy": "pipedream", "devices": w, "n": 1})
     return configs
@@ -339,6 +342,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "loop (one fixed batch, no Lightning loop, no logging); `vs peer` compares gpipe and 1f1b with the peer of",
         "the same schedule and N. `pipedream` runs each mini-batch as one micro-batch (N = 1), as PipeDream does.",
         "`ideal`: `schedules.busy_fractions` (a backward costs twice its forward, transfers are free).",
+        f"`{DYNAMIC}`: `timeprest_v` with `dynamic=True` (ops ordered by what has arrived; no static ideal).",
     ]
     (RESULTS / "throughput.json").write_text(
         json.dumps({"machine": machine, "steps": args.steps, "warmup": args.warmup, "rows": rows}, indent=2)
@@ -355,7 +359,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
     groups = sorted({(r["model"], r["n"]) for r in rows if r["strategy"] in SYNCHRONOUS}, key=str)
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 1.4]})
-    names = [*SYNCHRONOUS, *PEERS, "pipedream", "timeprest", "timeprest_v", "timeprest_i"]
+    names = [*SYNCHRONOUS, *PEERS, "pipedream", "timeprest", "timeprest_v", "timeprest_i", DYNAMIC]
     width = 0.8 / len(groups)
     for k, (model, n) in enumerate(groups):
         ratio = {r["strategy"]: r["ratio_to_single_device"] for r in rows if r["model"] == model and r["n"] == n}
@@ -369,9 +373,11 @@ def plot(rows: list[dict[str, Any]]) -> None:
     axes[0].legend(fontsize=8)
     staged = [r for r in rows if r.get("busy_fraction")]
     for i, r in enumerate(staged):
-        for s, (got, want) in enumerate(zip(r["busy_fraction"], r["ideal_busy_fraction"], strict=True)):
+        wanted = r["ideal_busy_fraction"] or [None] * len(r["busy_fraction"])  # dynamic order: no static ideal
+        for s, (got, want) in enumerate(zip(r["busy_fraction"], wanted, strict=True)):
             axes[1].scatter(i, got, color=f"C{s}", marker="o", label=f"stage {s} measured" if i == 0 else None)
-            axes[1].scatter(i, want, color=f"C{s}", marker="_", s=200, label=f"stage {s} ideal" if i == 0 else None)
+            if want is not None:
+                axes[1].scatter(i, want, color=f"C{s}", marker="_", s=200, label=f"stage {s} ideal" if i == 0 else None)
     labels = [f"{r['model']} {r['strategy']} N={r['n']}" for r in staged]
     axes[1].set_xticks(range(len(staged)), labels, rotation=90)
     axes[1].tick_params(axis="x", labelsize=7)
