@@ -182,6 +182,13 @@ _STAT_SUMS = (0, 1, 5, 6, 7, 8)
 _STAT_MAXES = (2, 3, 4, 9)
 
 
+def _last_step_of_epoch(trainer: Any) -> bool:
+    """Whether the training step running now is the epoch's last (its last batch, or ``max_steps`` reached)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
+        trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps
+    )
+
+
 def _first_block(stage: TracedStage) -> Callable[[Any], Any]:
     def run(call: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
         return stage.run_layers(stage.entry(*call))
@@ -404,6 +411,7 @@ class PipelineStrategyMixin:
         self._stats_window: dict[int, list[float]] = {}  # rank 0: stage -> records summed since the last log
         self._stats_steps = 0  # training steps since the stage statistics were last logged
         self._sync_clock: float | None = None  # synchronous: when the previous training step's record was taken
+        self._weight_bytes: int | None = None  # synchronous: the bytes of this stage's parameters (set per fit)
         self._owners: list[int] = []
 
     # -- topology -------------------------------------------------------------------------------------------
@@ -519,7 +527,7 @@ class PipelineStrategyMixin:
         module = self.lightning_module
         fitting = trainer.state.fn == "fit"
         self._check_supported(trainer, module, fitting)
-        self._sync_clock = None
+        self._sync_clock = self._weight_bytes = None
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see _stage0_batch).
         if self.num_replicas == 1:
@@ -1123,9 +1131,7 @@ class PipelineStrategyMixin:
         else:
             self._log_stats(0, self._stats_record())
         self._stats_sent += 1
-        final = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
-            trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps
-        )
+        final = _last_step_of_epoch(trainer)
         if final:
             self._drain(in_step=True)
         else:
@@ -1139,9 +1145,7 @@ class PipelineStrategyMixin:
         now = time.perf_counter()
         stats = engine.take_stats()
         stats.wait_s = self._runtime.comm.wait_seconds
-        device = self.root_device
-        if device.type == "cuda":  # the peak so far: the counter is the user's to reset, never the strategy's
-            stats.cuda_peak_bytes = torch.cuda.max_memory_allocated(device)
+        stats.cuda_peak_bytes = self._cuda_peak_bytes()
         self._runtime.comm.wait_seconds = 0.0
         record = stats.as_tensor(now - self._step_clock).tolist()
         self._step_clock = now
@@ -1365,11 +1369,7 @@ class PipelineStrategyMixin:
             if runtime.is_first:
                 for s, (_, stage_record) in enumerate(gathered):
                     self._log_stats(s, stage_record)
-            trainer = module.trainer
-            self._emit_stats(
-                trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-                or (trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps)
-            )
+            self._emit_stats(_last_step_of_epoch(module.trainer))
         metrics.replay(module, logged, states)
         return torch.tensor(value, dtype=torch.float32) if train else value
 
@@ -1382,20 +1382,24 @@ class PipelineStrategyMixin:
         module = self.lightning_module
         assert module is not None
         now = time.perf_counter()
-        params = [p for p in module.parameters() if not p.is_meta]
+        if self._weight_bytes is None:  # this stage's parameters do not change during fit
+            self._weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
         stats = StepStats(
             versions_held=1,
-            weight_bytes=sum(p.numel() * p.element_size() for p in params),
+            weight_bytes=self._weight_bytes,
             busy_s=max(0.0, now - start - wait_s),
             wait_s=wait_s,
             samples=samples,
+            cuda_peak_bytes=self._cuda_peak_bytes(),
         )
-        device = self.root_device
-        if device.type == "cuda":  # the peak so far: the counter is the user's to reset, never the strategy's
-            stats.cuda_peak_bytes = torch.cuda.max_memory_allocated(device)
         wall = now - (self._sync_clock if self._sync_clock is not None else start)
         self._sync_clock = now
         return stats.as_tensor(wall).tolist()
+
+    def _cuda_peak_bytes(self) -> int:
+        """The peak CUDA allocation so far on this stage's GPU (-1 off GPU); the counter is the user's to reset."""
+        device = self.root_device
+        return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 

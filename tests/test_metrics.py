@@ -62,3 +62,39 @@ def test_metric_must_be_an_attribute():
         module.log("m", stray)
     with pytest.raises(ValueError, match="must be an attribute"):
         reduce_logged(module, capture.calls, [1])
+
+
+def test_stage_statistics_are_logged_once_per_window():
+    """Rank 0 sums each stage's step records and logs them every log_every_n_steps steps and at the epoch end."""
+    from types import SimpleNamespace
+
+    from lightning_timeprest import TiMePReStStrategy
+
+    logged: list[tuple[str, float, dict]] = []
+    module = SimpleNamespace(
+        device=torch.device("cpu"),
+        trainer=SimpleNamespace(log_every_n_steps=3),
+        log=lambda name, value, **kw: logged.append((name, float(value), kw)),
+    )
+    strategy = TiMePReStStrategy(schedule="timeprest_v")
+    strategy._lightning_module = module
+    # d_sum, d_count, d_max, versions, bytes, busy, wait, wall, samples, cuda peak (StepStats.as_tensor)
+    records = [[2, 2, 1, 1, 100, 0.5, 0.1, 1.0, 8, -1], [0, 2, 0, 3, 300, 0.1, 0.2, 1.0, 8, -1]]
+    for step in range(3):
+        strategy._log_stats(0, records[step % 2])
+        strategy._emit_stats(final=False)
+        assert (logged == []) == (step < 2)  # nothing until the third step
+    got = {name: (value, kw["reduce_fx"], kw["batch_size"]) for name, value, kw in logged}
+    prefix = "pipeline/stage0/"
+    assert got[prefix + "idle_fraction"] == (pytest.approx(1 - 1.1 / 3.0), "mean", 3)  # busy over wall, summed
+    assert got[prefix + "samples_per_sec"] == (pytest.approx(24 / 3.0), "mean", 3)
+    assert got[prefix + "comm_wait_s"] == (pytest.approx(0.4), "sum", 1)
+    assert got[prefix + "versions_held"] == (3, "max", 1) and got[prefix + "weight_bytes"] == (300, "max", 1)
+    assert got[prefix + "staleness_mean"] == (pytest.approx(4 / 6), "mean", 6)  # weighted by backwards
+    assert got[prefix + "staleness_max"] == (1, "max", 1)
+    assert prefix + "cuda_peak_bytes" not in got and "pipeline/v" in got
+    # the epoch's last step logs what it has, whatever the window
+    logged.clear()
+    strategy._log_stats(0, records[0])
+    strategy._emit_stats(final=True)
+    assert {name for name, _, _ in logged} >= {prefix + "idle_fraction", prefix + "staleness_mean"}
