@@ -321,8 +321,12 @@ class StageComm:
     def isend_object(self, obj: Any, dst_stage: int) -> None:
         """Send a picklable object without waiting for the receiver (control group; pair with recv_object_from)."""
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        self._post_control([torch.tensor([data.numel()], dtype=torch.int64), data], dst_stage)
+
+    def _post_control(self, tensors: list[Tensor], dst_stage: int) -> None:
+        """Post sends of CPU tensors to ``dst_stage`` over the control group; their buffers live until they complete."""
         with self._control(f"sending to stage {dst_stage}"):
-            for t in (torch.tensor([data.numel()], dtype=torch.int64), data):
+            for t in tensors:
                 work = dist.isend(t, self._rank_of(dst_stage), group=self.groups.control)
                 self._pending.append((work, [t]))
 
@@ -338,19 +342,12 @@ class StageComm:
         buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
         if pickled:
             buf[0] = _PICKLED
-        else:
-            buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
-        if pickled:
-            with self._control(f"sending to stage {dst_stage}"):
-                work = dist.isend(buf, self._rank_of(dst_stage), group=self.groups.control)
-                self._pending.append((work, [buf]))
+            self._post_control([buf], dst_stage)
             self.isend_object(value, dst_stage)
             return
+        buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
         parts = [buf] + ([torch.frombuffer(bytearray(structure), dtype=torch.uint8)] if structure else [])
-        with self._control(f"sending to stage {dst_stage}"):
-            for t in parts + [t.detach().contiguous() for t in tensors]:
-                work = dist.isend(t, self._rank_of(dst_stage), group=self.groups.control)
-                self._pending.append((work, [t]))
+        self._post_control(parts + [t.detach().contiguous() for t in tensors], dst_stage)
 
     def recv_value(self, src_stage: int) -> Any:
         """Receive what :meth:`isend_value` sent, waiting at most ``timeout``."""
