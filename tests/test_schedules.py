@@ -1,7 +1,9 @@
 import pytest
 
 from lightning_timeprest.schedules import (
+    NF1BOrder,
     Op,
+    OpCosts,
     OpKind,
     Schedule,
     ScheduleError,
@@ -9,6 +11,7 @@ from lightning_timeprest.schedules import (
     bubble_fraction,
     build_schedule,
     busy_fractions,
+    choose_order,
     gpipe,
     nf1b,
     one_f_one_b,
@@ -16,6 +19,7 @@ from lightning_timeprest.schedules import (
     render_grid,
     simulate,
     staleness,
+    timeline,
     validate,
     version_difference,
 )
@@ -154,3 +158,138 @@ def test_asynchronous_validation_rejects_bad_orders():
     twice = (*good.ops(1), good.ops(1)[-1])
     with pytest.raises(ScheduleError, match="repeats"):
         validate(Schedule("x", 2, 1, (good.ops(0), twice), synchronous=False))
+
+
+# -- the cost-aware nF1B order ------------------------------------------------------------------------------
+
+RATIOS = [(1.0, 2.0, 0.0), (1.0, 1.0, 0.0), (1.0, 3.0, 2.5), (2.0, 1.0, 0.5)]  # forward, backward, step
+
+
+def _check_nf1b_rules(schedule, costs, cap):
+    """The four nF1B rules (SPEC), checked on a generated order and the timeline it was generated with."""
+    w, n = schedule.num_stages, schedule.num_microbatches
+    validate(schedule)  # every op once, one backward per mini-batch in order, no deadlock
+    times = timeline(schedule, costs)
+    for s in range(w):
+        ops = schedule.ops(s)
+        # 1. forwards in mini-batch and micro-batch order
+        forwards = [op for op in ops if op.kind is F]
+        assert forwards == sorted(forwards)
+        # 2. the last stage runs a mini-batch's one backward right after its N forwards
+        if s == w - 1:
+            for i, op in enumerate(ops):
+                if op.kind is F and op.microbatch == n - 1:
+                    assert ops[i + 1] == Op(B, op.minibatch, None)
+        # 3. one backward (and so one optimizer step) per mini-batch, in order: validate() checked it
+        # 4. a ready backward before a ready forward: no forward starts once the next backward could start
+        ready: dict[int, float] = {}
+        ends = {op: end for op, _, end in times[s]}
+        after = {op.minibatch: end for op, _, end in times[s + 1] if op.kind is B} if s < w - 1 else {}
+        backwards = iter(op.minibatch for op in ops if op.kind is B)
+        pending = next(backwards, None)
+        held = 0
+        for op, start, _ in times[s]:
+            if op.kind is B:
+                pending = next(backwards, None)
+                held -= 1
+                continue
+            if op.microbatch == 0:
+                held += 1
+                assert cap is None or held <= cap
+            if pending is not None and Op(F, pending, n - 1) in ends and ends[Op(F, pending, n - 1)] <= start:
+                ready[pending] = max(ends[Op(F, pending, n - 1)], after.get(pending, float("inf")))
+                assert ready[pending] > start, f"stage {s} ran {op} at {start} while backward {pending} was ready"
+
+
+@pytest.mark.parametrize("w", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_cost_aware_order_keeps_the_nf1b_rules(w, n, ratio):
+    costs = OpCosts.uniform(w, *ratio)
+    for cap in (1, 2, w, None):
+        _check_nf1b_rules(nf1b(w, n, 10, NF1BOrder(costs, cap)), costs, cap)
+    # unequal stages too
+    uneven = OpCosts(tuple(1.0 + 0.3 * s for s in range(w)), tuple(2.0 - 0.1 * s for s in range(w)), (0.5,) * w)
+    _check_nf1b_rules(nf1b(w, n, 10, NF1BOrder(uneven, w)), uneven, w)
+
+
+def test_the_rule_check_catches_a_forward_taken_before_a_ready_backward():
+    costs = OpCosts.uniform(2)
+    good = nf1b(2, 2, 6, NF1BOrder(costs, 2))  # stage 0: ... 3A 3B 2 4A 4B 3 ... in the steady state
+    _check_nf1b_rules(good, costs, 2)
+    s0 = list(good.ops(0))
+    i = s0.index(Op(B, 2, None))
+    s0[i], s0[i + 1] = s0[i + 1], s0[i]  # run the next forward first although backward 2 is ready
+    with pytest.raises(AssertionError, match="while backward 2 was ready"):
+        _check_nf1b_rules(Schedule("x", 2, 2, (tuple(s0), good.ops(1)), synchronous=False), costs, None)
+
+
+@pytest.mark.parametrize("w", range(2, 9))
+@pytest.mark.parametrize("n", range(2, 9))
+def test_the_chosen_order_keeps_every_stage_busy(w, n):
+    """With a backward twice its forward, the chosen order keeps every stage at least 90% busy, fill and drain of
+    64 mini-batches included (the paper's grid: 0.63 at N = 4)."""
+    costs = OpCosts.uniform(w)
+    choice = choose_order(w, n, costs)
+    assert min(busy_fractions(nf1b(w, n, 64, choice.order), costs=costs)) >= 0.9
+    assert min(choice.busy) >= 0.99  # in the steady state
+
+
+def test_cost_aware_order_beats_the_unit_grid_when_backwards_cost_more():
+    costs = OpCosts.uniform(2)
+    unit = busy_fractions(nf1b(2, 4, 64), costs=costs)
+    generated = busy_fractions(nf1b(2, 4, 64, choose_order(2, 4, costs).order), costs=costs)
+    assert max(unit) < 0.66 and min(generated) > 0.98
+
+
+@pytest.mark.parametrize("w, n", [(2, 2), (3, 2), (4, 3), (5, 2), (6, 4)])
+def test_streamed_cost_aware_order_equals_the_finite_schedule(w, n):
+    order = NF1BOrder(OpCosts((1.0,) * w, (2.0,) * w, tuple(0.5 * s for s in range(w))), w - 1)
+    m = 9
+    finite = nf1b(w, n, m, order)
+    for s in range(w):
+        plan = StreamPlan("timeprest_v", w, n, track=[s], order=order)
+        assert tuple(op for k in range(m) for op in plan.step_ops(s, k)) + tuple(
+            plan.drain_ops(s, m - 1)
+        ) == finite.ops(s)
+
+
+def test_v_follows_the_order_run_and_timeprest_v_keeps_v_one():
+    costs = OpCosts.uniform(4)
+    # v is ceil(d0 / 2) of the order actually simulated, whatever it is
+    for order in (NF1BOrder(), NF1BOrder(costs, 2), NF1BOrder(costs, 4), NF1BOrder(costs, None)):
+        d0 = max(staleness(nf1b(4, 3, 40, order))[0])
+        assert version_difference(4, 3, order) == max(1, -(-d0 // 2))
+    assert version_difference(4, 3, NF1BOrder(costs, 4)) == 2  # the fastest order at W = 4 has v = 2 ...
+    fastest, v_one = choose_order(4, 3, costs), choose_order(4, 3, costs, staleness_free=True)
+    assert fastest.version_difference == 2 and v_one.version_difference == 1  # ... so V-TiMePReSt gets another
+    assert min(v_one.busy) < min(fastest.busy) and v_one.fastest_busy == fastest.busy  # and is told what it costs
+    assert "would reach" in v_one.describe()
+    assert choose_order(4, 3, costs, 1).version_difference == 1  # one mini-batch in flight: no staleness
+
+
+def test_the_default_cap_is_the_smallest_that_is_as_fast():
+    costs = OpCosts.uniform(3, 1.0, 2.0, 1.0)
+    choice = choose_order(3, 4, costs)
+    smaller = choose_order(3, 4, costs, choice.order.max_inflight - 1)
+    assert min(smaller.busy) < 0.99 * min(choice.busy)
+    assert choice.in_flight[0] == nf1b(3, 4, 30, choice.order).max_forwards_in_flight(0)
+
+
+def test_render_grid_weights_slots_by_cost():
+    # a backward (2 micro-batches, twice a forward each) fills 4 forward slots
+    assert render_grid(2, 2, 3, order=NF1BOrder(OpCosts.uniform(2), 2)) == (
+        "S1: 1A 1B 2A 2B .  .  .  1  -  -  -  3A 3B\nS2: .  1A 1B 1  -  -  -  2A 2B 2  -  -  -"
+    )
+    # unit costs give the paper's grid
+    assert render_grid(3, 2, 7, order=NF1BOrder(OpCosts.uniform(3, 1.0, 0.5), None)) == SPEC_GRID
+
+
+def test_op_costs_are_checked():
+    with pytest.raises(ScheduleError, match="positive"):
+        OpCosts((1.0, 0.0), (1.0, 1.0))
+    with pytest.raises(ScheduleError, match="one forward, backward and step cost per stage"):
+        OpCosts((1.0, 1.0), (1.0,))
+    with pytest.raises(ScheduleError, match="max_inflight"):
+        NF1BOrder(None, 0)
+    assert OpCosts((2.0, 4.0), (4.0, 8.0), (0.0, 1.234)).rounded() == OpCosts((0.67, 1.3), (1.3, 2.7), (0.0, 0.41))
