@@ -32,8 +32,9 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 
 from lightning_timeprest.comm import PipelineCommError, StageComm
+from lightning_timeprest.costs import OpClock
 from lightning_timeprest.runtime import StageRunner, through_stage
-from lightning_timeprest.schedules import Op, OpKind, StreamPlan
+from lightning_timeprest.schedules import NF1BOrder, Op, OpKind, StreamPlan
 from lightning_timeprest.versions import LeafSet, Policy, VersionStore
 
 __all__ = ["AsyncRuntime", "StepStats", "TraceEntry"]
@@ -50,6 +51,7 @@ class _Micro:
     rng: Any = None  # RNG state at the forward (recompute reruns it identically)
     loss: Tensor | None = None  # last stage: the user's micro-batch loss
     pinned: bool = False
+    grads: Any = None  # the receives of the output's gradients, posted when it was sent
 
 
 @dataclass
@@ -122,6 +124,7 @@ class AsyncRuntime:
         dynamic: bool,
         loss_of: Callable[[Any], Tensor],
         before_step: Callable[[list[Tensor]], None] | None = None,
+        order: NF1BOrder | None = None,
     ) -> None:
         self.stage = stage
         self.num_stages = num_stages
@@ -137,6 +140,11 @@ class AsyncRuntime:
         self.dynamic = dynamic
         self.loss_of = loss_of
         self.before_step = before_step  # e.g. averaging the gradients over data-parallel replicas
+        self.order = order or NF1BOrder()  # how the nF1B order is generated (pipedream has its own)
+        if schedule == "pipedream":
+            self.max_inflight: int | None = num_stages - stage
+        else:
+            self.max_inflight = self.order.max_inflight
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
         named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and not p.is_meta]
@@ -148,18 +156,25 @@ class AsyncRuntime:
         self.learning_rates: list[list[Any]] = []
         #: per stream (one per drain), per op as it ran on this stage
         self.trace: list[list[TraceEntry]] = [[]]
+        #: per stream, the order it was generated in
+        self.stream_orders: list[NF1BOrder] = []
         self.trained: set[int] = set()  # indexes into store.params that received a gradient
-        # dynamic mode: receives already posted (kept across drains: they will match the next stream's messages)
-        self._posted_header: Any = None
+        # dynamic mode: the announcement of the next backward, once posted (kept across drains: it will match the
+        # next stream's first one); the next activation's header is posted by the StageComm
         self._posted_ticket: Any = None
         self._reset_stream()
         self.stats = StepStats()
+        #: how long this stage's ops took (the costs the order is re-derived from)
+        self.clock = OpClock()
+        self._step_s = 0.0  # the optimizer step of the backward running now
 
     # -- stream state ---------------------------------------------------------------------------------------
 
     def _reset_stream(self) -> None:
-        self.plan = StreamPlan(self.schedule, self.num_stages, self.num_microbatches, track=(self.stage,))
-        self.report_plan = StreamPlan(self.schedule, self.num_stages, self.num_microbatches, track=(0,))
+        self.stream_orders = [*self.stream_orders[: len(self.trace) - 1], self.order]
+        w, n = self.num_stages, self.num_microbatches
+        self.plan = StreamPlan(self.schedule, w, n, track=(self.stage,), order=self.order)
+        self.report_plan = StreamPlan(self.schedule, w, n, track=(0,), order=self.order)
         self.pending: dict[int, _MiniBatch] = {}
         self.finished: dict[int, list[Any]] = {}  # last stage: the user's step outputs of finished mini-batches
         self.next_forward = (0, 0)  # (mini-batch, micro-batch)
@@ -209,14 +224,29 @@ class AsyncRuntime:
         self.store.peak_versions = self.store.versions_held
         return stats
 
+    def replan(self, order: NF1BOrder) -> None:
+        """Generate the op order of the streams to come as ``order`` says (right after a drain: nothing in flight)."""
+        assert not self.pending, "the order can change only when the pipeline is drained"
+        self.order = order
+        if self.schedule != "pipedream":
+            self.max_inflight = order.max_inflight
+        self._reset_stream()
+
     def _run(self, op: Op) -> None:
         start, waited = time.perf_counter(), self.comm.wait_seconds
+        clock = self.clock
         if op.kind is OpKind.FORWARD:
             assert op.microbatch is not None
             self._forward(op.minibatch, op.microbatch)
         else:
             self._backward(op.minibatch)
-        self.stats.busy_s += (time.perf_counter() - start) - (self.comm.wait_seconds - waited)
+        busy = (time.perf_counter() - start) - (self.comm.wait_seconds - waited)
+        if op.kind is OpKind.FORWARD:
+            clock.add("forward", busy)
+        else:
+            clock.add("backward", (busy - self._step_s) / self.num_microbatches)
+            clock.add("step", self._step_s)
+        self.stats.busy_s += busy
         self.stats.versions_held = max(self.stats.versions_held, self.store.peak_versions)
         self.stats.weight_bytes = max(self.stats.weight_bytes, self.store.peak_versions * self.store.param_bytes)
 
@@ -235,14 +265,14 @@ class AsyncRuntime:
         return self._posted_ticket.ready()
 
     def _forward_ready(self, k: int) -> bool:
-        m = self.next_forward[0]
+        m, j = self.next_forward
         if m > k:
+            return False
+        if j == 0 and self.max_inflight is not None and m - self.next_backward >= self.max_inflight:
             return False
         if self.is_first:
             return True
-        if self._posted_header is None:
-            self._posted_header = self.comm.post_activation_header()
-        return self._posted_header.ready()
+        return self.comm.post_activation_header().ready()
 
     def _run_dynamic(self, k: int) -> None:
         """Backward priority on what has arrived; return once the forwards of ``k`` ran and no backward is ready."""
@@ -276,8 +306,7 @@ class AsyncRuntime:
         self.next_forward = (m, j + 1) if j + 1 < n else (m + 1, 0)
         inputs, tag = None, 0
         if not self.is_first:
-            posted, self._posted_header = self._posted_header, None
-            inputs, tag = self.comm.recv_tagged_activation(requires_grad=True, posted=posted)
+            inputs, tag = self.comm.recv_tagged_activation(requires_grad=True)
         if self.policy.forward == "vertical" and not self.is_first:
             version = tag
             self.store.keep_versions_from(tag)
@@ -303,13 +332,14 @@ class AsyncRuntime:
             mb.outputs.append(user_out)
             record.loss = self.loss_of(user_out)
         else:
+            differentiable = None if keep_graph else torch.is_grad_enabled()
             self.comm.send_activation(
-                out,
-                tag=version if self.policy.forward == "vertical" else 0,
-                differentiable=None if keep_graph else torch.is_grad_enabled(),
+                out, tag=version if self.policy.forward == "vertical" else 0, differentiable=differentiable
             )
             if keep_graph:
                 record.outputs = out
+            if not self.dynamic:  # (dynamic mode announces backwards on the gradient group: nothing posted early)
+                record.grads = self.comm.post_gradients(out, differentiable)
 
     def _stage_forward(self, mb: _MiniBatch, j: int, inputs: Any, leaves: LeafSet) -> tuple[Any, Any]:
         """Run this stage on micro-batch ``j`` reading ``leaves``; return (user output, stage output)."""
@@ -353,12 +383,14 @@ class AsyncRuntime:
         for g, lr in zip(groups, mb.lrs, strict=True):
             g["lr"] = lr
         self.learning_rates.append([g["lr"] for g in groups])  # what optimizer.step() reads
+        start = time.perf_counter()
         try:
             if self.before_step is not None:
                 self.before_step(self.store.params)
             with self.store.stepping():
                 self.optimizer.step()
         finally:
+            self._step_s = time.perf_counter() - start
             for g, lr in zip(groups, current, strict=True):
                 g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -381,6 +413,8 @@ class AsyncRuntime:
             assert record.leaves is not None
             sets.setdefault(id(record.leaves), record.leaves)
             self.stats.staleness.append(self.store.version - record.version)
+        for leaves in sets.values():
+            self.store.lend_grads(leaves)
         with _reading_all(self.store, self.policy, self.alpha, list(sets.values())):
             torch.autograd.backward(total)
         for leaves in sets.values():
@@ -394,7 +428,8 @@ class AsyncRuntime:
         values, d = self.store.backward_values(self.policy, record.version, self.alpha)
         self.stats.staleness.append(d)
         if record.leaves is not None:  # graph rule: the saved weights read the backward weights
-            pairs = self.comm.recv_gradients(record.outputs)
+            pairs = self.comm.recv_gradients(record.outputs, record.grads)
+            self.store.lend_grads(record.leaves)
             with self.store.reading(record.leaves, values):
                 if pairs:
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
@@ -406,7 +441,8 @@ class AsyncRuntime:
                 leaves = LeafSet(-1, values)
             with _rng_restored(record.rng):
                 _, out = self._stage_forward(mb, j, record.inputs, leaves)
-            pairs = self.comm.recv_gradients(out)
+            pairs = self.comm.recv_gradients(out, record.grads)
+            self.store.lend_grads(leaves)
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             self.store.harvest(leaves)

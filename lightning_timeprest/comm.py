@@ -122,6 +122,11 @@ def _flatten(value: Any) -> tuple[int, list[Tensor], bytes]:
     return _TREE, tensors, structure
 
 
+def _wants_grad(t: Tensor, differentiable: bool | None) -> bool:
+    """Whether a tensor sent as an activation gets a gradient back (``differentiable``: see ``send_activation``)."""
+    return t.requires_grad if differentiable is None else differentiable and t.is_floating_point()
+
+
 def _unflatten(kind: int, tensors: list[Tensor], structure: bytes = b"") -> Any:
     if kind == _TENSOR:
         return tensors[0]
@@ -132,33 +137,46 @@ def _unflatten(kind: int, tensors: list[Tensor], structure: bytes = b"") -> Any:
 
 
 class PostedRecv:
-    """A receive that is already posted, waited on by a helper thread so that the stage can ask, without blocking,
-    whether it has arrived (gloo's ``is_completed()`` never turns true before ``wait()``, and a ``wait`` that
-    times out breaks the connection)."""
+    """A receive posted ahead of the moment its data is needed, so that the transfer overlaps the stage's compute.
+
+    :meth:`ready` asks, without blocking, whether it has arrived: a helper thread then waits on it (gloo's
+    ``is_completed()`` never turns true before ``wait()``, and a ``wait`` that times out breaks the connection);
+    :meth:`result` waits for it.
+    """
 
     def __init__(self, work: Any, buffer: Tensor, comm: StageComm) -> None:
         self.buffer = buffer
         self._comm = comm
+        self._work = work
         self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._wait, args=(work,), daemon=True)
-        self._thread.start()
+        self._done: threading.Event | None = None  # set by the helper thread, once one watches
 
-    def _wait(self, work: Any) -> None:
+    def _watch(self) -> None:
         try:
-            work.wait(timeout=self._comm.timeout)
+            self._work.wait(timeout=self._comm.timeout)
         except BaseException as err:  # reported to the stage by result()
             self._error = err
         finally:
+            assert self._done is not None
             self._done.set()
 
     def ready(self) -> bool:
+        if self._done is None:
+            self._done = threading.Event()
+            threading.Thread(target=self._watch, daemon=True).start()
         return self._done.is_set()
 
     def result(self, stage: int, what: str) -> Tensor:
         start = time.perf_counter()
-        self._done.wait()
-        self._comm.wait_seconds += time.perf_counter() - start
+        try:
+            if self._done is None:
+                self._work.wait(timeout=self._comm.timeout)
+            else:
+                self._done.wait()
+        except RuntimeError as err:
+            self._error = err
+        finally:
+            self._comm.wait_seconds += time.perf_counter() - start
         if self._error is not None:
             raise PipelineCommError(
                 f"stage {self._comm.stage} (rank {dist.get_rank()}) waited for {what} from stage {stage} and got no "
@@ -179,6 +197,9 @@ class StageComm:
     _pending: list[tuple[Any, list[Tensor]]] = field(default_factory=list)
     #: seconds spent blocked in receives and in waiting for sends (communication wait)
     wait_seconds: float = 0.0
+    #: the next activation's header, posted as soon as the previous activation arrived: every message from the
+    #: previous stage on the activation group starts with a header, whichever runtime receives it next
+    _header: PostedRecv | None = None
 
     @property
     def num_stages(self) -> int:
@@ -223,8 +244,7 @@ class StageComm:
         kind, tensors, structure = _flatten(value)
         header = [kind, len(tensors), len(structure)]
         for t in tensors:
-            grad = t.requires_grad if differentiable is None else differentiable and t.is_floating_point()
-            header += [_DTYPES.index(t.dtype), int(grad), t.dim(), *t.shape]
+            header += [_DTYPES.index(t.dtype), int(_wants_grad(t, differentiable)), t.dim(), *t.shape]
         if len(header) > _HEADER_LEN - 1:
             raise PipelineCommError(f"stage output is too complex to send ({len(tensors)} tensors)")
         buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
@@ -242,34 +262,37 @@ class StageComm:
         return self.recv_tagged_activation(requires_grad)[0]
 
     def post_activation_header(self) -> PostedRecv:
-        """Start receiving the next activation's header; ``ready()`` says whether it has arrived."""
-        buf = torch.empty(_HEADER_LEN, dtype=torch.int64)
-        return PostedRecv(dist.irecv(buf, self._rank_of(self.stage - 1), group=self.groups.activations), buf, self)
+        """Start receiving the next activation's header (once: a header already posted is returned)."""
+        if self._header is None:
+            buf = torch.empty(_HEADER_LEN, dtype=torch.int64)
+            work = dist.irecv(buf, self._rank_of(self.stage - 1), group=self.groups.activations)
+            self._header = PostedRecv(work, buf, self)
+        return self._header
 
-    def recv_tagged_activation(self, requires_grad: bool, posted: Any = None) -> tuple[Any, int]:
-        """Like :meth:`recv_activation`, and the sender's tag; ``posted`` is a header already being received."""
+    def recv_tagged_activation(self, requires_grad: bool) -> tuple[Any, int]:
+        """Like :meth:`recv_activation`, and the sender's tag. The next header is posted before returning, so that
+        it travels while this stage computes."""
         group = self.groups.activations
-        if posted is None:
-            header = self._recv(torch.empty(_HEADER_LEN, dtype=torch.int64), self.stage - 1, group, "an activation")
-        else:
-            header = posted.result(self.stage - 1, "an activation")
+        header = self.post_activation_header().result(self.stage - 1, "an activation")
+        self._header = None
         values = header.tolist()
         kind, count, nbytes, pos = values[0], values[1], values[2], 3
-        structure = b""
-        if nbytes:
-            raw = torch.empty(nbytes, dtype=torch.uint8, device=self._wire_device)
-            structure = self._recv(raw, self.stage - 1, group, "an activation").cpu().numpy().tobytes()
-        tensors = []
+        shapes = []
         for _ in range(count):
             dtype, grad, ndim = _DTYPES[values[pos]], bool(values[pos + 1]), values[pos + 2]
-            shape = values[pos + 3 : pos + 3 + ndim]
+            shapes.append((dtype, grad, values[pos + 3 : pos + 3 + ndim]))
             pos += 3 + ndim
-            t = self._recv(
-                torch.empty(shape, dtype=dtype, device=self._wire_device),
-                self.stage - 1,
-                group,
-                "an activation",
-            )
+        # every part posted at once: they arrive while the earlier ones are copied
+        raw = torch.empty(nbytes, dtype=torch.uint8, device=self._wire_device) if nbytes else None
+        parts = [raw] if raw is not None else []
+        parts += [torch.empty(shape, dtype=dtype, device=self._wire_device) for dtype, _, shape in shapes]
+        works = [dist.irecv(t, self._rank_of(self.stage - 1), group=group) for t in parts]
+        for work, t in zip(works, parts, strict=True):
+            self._wait(work, t, self.stage - 1, "an activation")
+        self.post_activation_header()
+        structure = raw.cpu().numpy().tobytes() if raw is not None else b""
+        tensors = []
+        for t, (_, grad, _) in zip(parts[len(parts) - count :], shapes, strict=True):
             t = t.to(self.device)
             if grad and requires_grad:
                 t.requires_grad_(True)
@@ -282,7 +305,8 @@ class StageComm:
 
     def post_ticket(self) -> PostedRecv:
         buf = torch.empty(1, dtype=torch.int64)
-        return PostedRecv(dist.irecv(buf, self._rank_of(self.stage + 1), group=self.groups.gradients), buf, self)
+        work = dist.irecv(buf, self._rank_of(self.stage + 1), group=self.groups.gradients)
+        return PostedRecv(work, buf, self)
 
     def wait_ticket(self, posted: PostedRecv) -> int:
         return int(posted.result(self.stage + 1, "a backward announcement").item())
@@ -297,9 +321,35 @@ class StageComm:
                     self.groups.gradients,
                 )
 
-    def recv_gradients(self, outputs: Any) -> list[tuple[Tensor, Tensor]]:
-        """Receive the next stage's gradients for ``outputs``; return ``(output, grad)`` pairs to back-propagate."""
+    def post_gradients(self, outputs: Any, differentiable: bool | None = None) -> list[tuple[int, PostedRecv]]:
+        """Post the receives of the gradients the next stage will send for ``outputs`` (sent with
+        :meth:`send_activation` and the same ``differentiable``), long before they are needed; returns them with
+        the positions of their tensors in ``outputs``. Valid only while gradients come back in the order their
+        activations went out, with no other receive on the gradient group (static asynchronous replay)."""
+        posted = []
+        for i, t in enumerate(_flatten(outputs)[1]):
+            if _wants_grad(t, differentiable):
+                buf = torch.empty(t.shape, dtype=t.dtype, device=self._wire_device)
+                work = dist.irecv(buf, self._rank_of(self.stage + 1), group=self.groups.gradients)
+                posted.append((i, PostedRecv(work, buf, self)))
+        return posted
+
+    def recv_gradients(
+        self, outputs: Any, posted: list[tuple[int, PostedRecv]] | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Receive the next stage's gradients for ``outputs``; return ``(output, grad)`` pairs to back-propagate.
+
+        ``posted``: the receives :meth:`post_gradients` posted for them when they were sent (``outputs`` may then
+        be a recomputation of those: a gradient for an output that no longer requires one is dropped).
+        """
         pairs = []
+        if posted is not None:
+            tensors = _flatten(outputs)[1]
+            for i, receive in posted:
+                grad = receive.result(self.stage + 1, "a gradient")
+                if tensors[i].requires_grad:
+                    pairs.append((tensors[i], grad.to(self.device)))
+            return pairs
         for t in _flatten(outputs)[1]:
             if t.requires_grad:
                 buf = torch.empty(t.shape, dtype=t.dtype, device=self._wire_device)

@@ -191,12 +191,13 @@ def plan_sequential(
 @dataclass
 class BlockCosts:
     """What each block costs: parameters, and, when it was profiled, seconds (forward plus backward of one
-    micro-batch) and bytes (weights, their gradients and the activations it keeps for backward, for the
-    micro-batches a stage may hold)."""
+    micro-batch; ``forward_seconds`` the forward alone) and bytes (weights, their gradients and the activations it
+    keeps for backward, for the micro-batches a stage may hold)."""
 
     parameters: list[int]
     seconds: list[float] | None = None
     bytes: list[int] | None = None
+    forward_seconds: list[float] | None = None
 
     def of(self, mode: str) -> Sequence[float] | None:
         return {"parameters": self.parameters, "time": self.seconds, "memory": self.bytes}[mode]
@@ -228,21 +229,23 @@ def profile_blocks(
     device: torch.device,
     num_microbatches: int,
     repeats: int = 3,
-) -> tuple[list[float], list[int]]:
+) -> tuple[list[float], list[float], list[int]]:
     """Time each block forward and backward on ``device`` with the sample micro-batch, in order, block ``k``
     receiving block ``k - 1``'s output; measure the bytes it saves for backward.
 
     Each block's module is moved to ``device`` only while it runs, so the whole model never has to fit there.
-    Returns per-block median seconds and estimated bytes (weights and gradients, plus the saved activations of
-    ``num_microbatches`` micro-batches: what a GPipe stage holds at its peak).
+    Returns per-block median seconds (forward plus backward, and the forward alone) and estimated bytes (weights
+    and gradients, plus the saved activations of ``num_microbatches`` micro-batches: what a GPipe stage holds at
+    its peak).
     """
     seconds: list[float] = []
+    forward_seconds: list[float] = []
     nbytes: list[int] = []
     x = pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, sample)
     for block, module in zip(blocks, modules, strict=True):
         home = next((t.device for t in [*module.parameters(), *module.buffers()]), device)
         module.to(device)
-        times = []
+        times, forward_times = [], []
         saved = 0
         # autograd saves the weights too (a Linear keeps its weight for the input's gradient): they are counted
         # once below, not once per micro-batch in flight
@@ -261,11 +264,14 @@ def profile_blocks(
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = block(inputs)
             outs = [t for t in _float_tensors(out) if t.requires_grad]
+            _sync(device)
+            forward = time.perf_counter() - start
             if outs:
                 torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
             _sync(device)
             if r:  # the first run warms up
                 times.append(time.perf_counter() - start)
+                forward_times.append(forward)
             saved = sum(seen.values())
         x = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
         for p in module.parameters():
@@ -273,8 +279,9 @@ def profile_blocks(
         module.to(home)
         weights = sum(p.numel() * p.element_size() for p in module.parameters())
         seconds.append(sorted(times)[len(times) // 2])
+        forward_seconds.append(sorted(forward_times)[len(forward_times) // 2])
         nbytes.append(2 * weights + num_microbatches * saved)
-    return seconds, nbytes
+    return seconds, forward_seconds, nbytes
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:

@@ -17,6 +17,7 @@ for one mini-batch, doing the forward and backward ops and their transfers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_timeprest.comm import StageComm
+from lightning_timeprest.costs import OpClock
 from lightning_timeprest.schedules import OpKind, Schedule
 
 __all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StageRunner", "StepResult", "through_stage"]
@@ -165,6 +167,8 @@ class PipelineRuntime:
         self.comm = comm
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
+        #: how long this stage's training ops took (compute only), for the ideal they are compared with
+        self.clock = OpClock()
 
     @property
     def runs_user_code(self) -> bool:
@@ -187,9 +191,11 @@ class PipelineRuntime:
         """
         result = StepResult()
         inflight: dict[int, _InFlight] = {}
+        clock = self.clock
         try:
             for op in schedule.ops(self.stage):
                 assert op.microbatch is not None, "synchronous schedules back-propagate per micro-batch"
+                start, waited = time.perf_counter(), self.comm.wait_seconds
                 if op.kind is OpKind.FORWARD:
                     record, output = self._forward(op.microbatch, call_user, train)
                     if self.is_last:
@@ -201,6 +207,9 @@ class PipelineRuntime:
                         inflight[op.microbatch] = record
                 elif train:
                     self._backward(inflight.pop(op.microbatch), loss_weights[op.microbatch])
+                if train:
+                    busy = time.perf_counter() - start - (self.comm.wait_seconds - waited)
+                    clock.add("forward" if op.kind is OpKind.FORWARD else "backward", busy)
             self.comm.wait_sends()
         finally:
             inflight.clear()

@@ -561,16 +561,16 @@ class OrderChoice:
 def steady_state(
     num_stages: int, num_microbatches: int, order: NF1BOrder, costs: OpCosts
 ) -> tuple[tuple[float, ...], int, tuple[int, ...]]:
-    """Each stage's busy fraction in the steady state of ``order`` (its work per mini-batch over the time between
-    two mini-batches completing on stage 0, so fill and drain do not count), ``v``, and the micro-batches each
-    stage holds at most."""
+    """Each stage's busy fraction in the steady state of ``order`` when ops take ``costs`` (its work per mini-batch
+    over the time between two mini-batches completing on stage 0, so fill and drain do not count), ``v``, and the
+    micro-batches each stage holds at most."""
     w, n = num_stages, num_microbatches
     first, last = 4 * w + 8, 8 * w + 16  # the steady state is measured between these completions on stage 0
     done: dict[int, float] = {}
     held = [0] * w
     peak = [0] * w
     steps, entered, d0 = 0, {}, 0
-    if order.costs is None:  # the unit-slot grid, timed with these costs
+    if order.costs != costs:  # the order (the unit-slot grid, or generated from other costs) timed with these
         times = timeline(nf1b(w, n, last + 1, order), costs)
         events = sorted(((start, s, op, end) for s in range(w) for op, start, end in times[s]), key=lambda e: e[:2])
         stream: Iterable[tuple[int, Op, float, float]] = ((s, op, start, end) for start, s, op, end in events)
@@ -642,21 +642,21 @@ def render_grid(
     *,
     drain: bool = False,
     order: NF1BOrder | None = None,
+    costs: OpCosts | None = None,
 ) -> str:
     """The nF1B grid in the TiMePReSt paper's notation, one line per stage.
 
     ``1A`` is the forward of micro-batch A of mini-batch 1, ``1`` the backward of mini-batch 1, ``.`` an idle
     slot. The grid runs until stage 0 has started the last mini-batch's forwards (the paper's figures);
-    ``drain=True`` runs it to the end, every backward done. With a cost-aware ``order`` the slots are weighted by
-    cost: an op fills as many slots as its cost is multiples of the cheapest op's, its name in the first and
-    ``-`` in the others.
+    ``drain=True`` runs it to the end, every backward done. ``order`` says which order (default: the paper's
+    unit-slot grid). With op costs (``costs``, else a cost-aware order's own) the slots are weighted by cost: an op
+    fills as many slots as its cost is multiples of the cheapest op's, its name in the first and ``-`` in the
+    others.
     """
     order = order or NF1BOrder()
     schedule = nf1b(num_stages, num_microbatches, num_minibatches, order)
-    if order.costs is None:
-        grid = simulate(schedule)
-    else:
-        grid = _weighted_grid(schedule, order.costs)
+    weights = costs or order.costs
+    grid = simulate(schedule) if weights is None else _weighted_grid(schedule, weights)
     end = len(grid[0])
     if not drain:
         last = Op(OpKind.FORWARD, num_minibatches - 1, num_microbatches - 1)

@@ -13,7 +13,9 @@ part of the schedule; the gradients it produced are set aside until Lightning's 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -31,6 +33,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.module import (
@@ -44,6 +47,7 @@ from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import metrics
 from lightning_timeprest.async_runtime import AsyncRuntime, StepStats
 from lightning_timeprest.comm import PipelineGroups, StageComm, destroy_pipeline_groups, new_pipeline_groups
+from lightning_timeprest.costs import OpClock, agreed_costs, stage_costs, time_optimizer_step
 from lightning_timeprest.microbatch import batch_size, join, split
 from lightning_timeprest.partition import (
     BALANCE_MODES,
@@ -65,8 +69,12 @@ from lightning_timeprest.sample import sample_call, sandbox
 from lightning_timeprest.schedules import (
     ASYNCHRONOUS_SCHEDULES,
     SCHEDULES,
+    OpCosts,
+    OrderChoice,
     Schedule,
+    ScheduleError,
     build_schedule,
+    choose_order,
     version_difference,
 )
 from lightning_timeprest.tracing import (
@@ -80,9 +88,16 @@ from lightning_timeprest.tracing import (
 )
 from lightning_timeprest.versions import POLICIES, significance_function
 
-__all__ = ["PipelineConfigError", "PipelineStrategyMixin", "TiMePReStStrategy"]
+__all__ = ["CALIBRATION_STEPS", "PipelineConfigError", "PipelineStrategyMixin", "TiMePReStStrategy"]
 
 CPU = torch.device("cpu")
+#: With measured op costs, the nF1B order is re-derived from the op times measured in the steps since the previous
+#: drain, at every drain; at the start of training the pipeline drains for it twice, after this many steps each
+#: (the second measures the ops in the order the first chose, which changes what they cost a little).
+CALIBRATION_STEPS = 10
+_CALIBRATION_DRAINS = 2
+#: the checkpoint entry holding the op costs the nF1B order was generated from
+ORDER_KEY = "timeprest_order"
 
 
 class PipelineConfigError(ValueError):
@@ -100,6 +115,12 @@ def _loss_of(output: Any) -> Tensor:
             "earlier stages have already run it): return the loss"
         )
     raise RuntimeError(f"training_step must return the loss tensor or a dict with a 'loss' key, got {type(output)}")
+
+
+def _weighted_loss(outputs: Sequence[Any], sizes: Sequence[int]) -> float:
+    """A mini-batch's loss: the mean of its micro-batch losses weighted by micro-batch size (SPEC)."""
+    losses = torch.stack([_loss_of(o).detach().double().cpu() for o in outputs])
+    return float(((losses * torch.tensor(sizes, dtype=torch.float64)).sum() / sum(sizes)).float())
 
 
 @contextmanager
@@ -285,6 +306,15 @@ class PipelineStrategyMixin:
             stage forward with the backward weights).
         dynamic: asynchronous policies only: order ops by what has actually arrived (backward priority) instead
             of replaying the static schedule; the versions each op used are recorded.
+        order: how the nF1B op order (timeprest_v, timeprest, timeprest_i) is generated: ``"cost"`` (default) picks
+            the fastest order for the measured op costs (list scheduling under nF1B's rules, or the paper's grid
+            when that is faster); ``"unit"`` replays the paper's unit-slot grid.
+        max_inflight: the most mini-batches an nF1B stage holds at once (forwarded, backward not yet run), which
+            bounds activation memory and staleness. Default: chosen for speed (the smallest cap within 1% of the
+            fastest; for timeprest_v the fastest with version difference v = 1).
+        op_costs: per stage ``[forward, backward, step]`` (one micro-batch's forward and backward, the optimizer
+            step; any unit) to generate the nF1B order from, instead of measuring them at setup. Measured costs
+            vary a little between runs and so may the order; give them to replay an order exactly.
         The remaining arguments are those of Lightning's ``DDPStrategy``.
     """
 
@@ -304,6 +334,9 @@ class PipelineStrategyMixin:
         power_beta: float = 0.5,
         backward_rule: str = "graph",
         dynamic: bool = False,
+        order: str = "cost",
+        max_inflight: int | None = None,
+        op_costs: list[list[float]] | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -358,6 +391,23 @@ class PipelineStrategyMixin:
             )
         if dynamic and schedule not in ASYNCHRONOUS_SCHEDULES:
             raise PipelineConfigError(f"dynamic=True applies to the asynchronous schedules only, not {schedule!r}")
+        if order not in ("cost", "unit"):
+            raise PipelineConfigError(f"unknown order {order!r}; choose 'cost' (generated from op costs) or 'unit'")
+        if max_inflight is not None and (isinstance(max_inflight, bool) or int(max_inflight) < 1):
+            raise PipelineConfigError(f"max_inflight must be a positive integer, got {max_inflight!r}")
+        if op_costs is not None:
+            try:
+                rows = [tuple(float(c) for c in row) for row in op_costs]
+                if any(len(row) != 3 for row in rows):
+                    raise ValueError("each stage needs [forward, backward, step]")
+                self._given_costs: OpCosts | None = OpCosts(*(tuple(col) for col in zip(*rows, strict=True)))
+            except (TypeError, ValueError, ScheduleError) as err:
+                raise PipelineConfigError(
+                    f"op_costs must list [forward, backward, step] per stage, positive forward and backward costs "
+                    f"(e.g. [[1, 2, 0.5], [1, 2, 0.5]]), got {op_costs!r}: {err}"
+                ) from None
+        else:
+            self._given_costs = None
         try:
             self.alpha = significance_function(significance, decay_lambda, power_beta)
         except ValueError as err:
@@ -365,6 +415,20 @@ class PipelineStrategyMixin:
         self.significance = significance
         self.backward_rule = backward_rule
         self.dynamic = bool(dynamic)
+        self.order = order
+        self.max_inflight = None if max_inflight is None else int(max_inflight)
+        #: the op costs the order was generated from and the ideal is computed with (set at fit start)
+        self.op_costs: OpCosts | None = None
+        #: the nF1B order in use and what it gives up (set at fit start; ``None`` for the other schedules)
+        self.order_choice: OrderChoice | None = None
+        self._block_costs: Any = None
+        self._measuring = False  # the op costs are measured: the order follows them at every drain
+        self._calibrations_left = 0  # drains still to make at the start of training, to measure them
+        self._sigterm_loop: Any = None
+        self._sigterm_posts: deque[tuple[list[Any], Tensor]] = deque()
+        self._sigterm_group: Any = None
+        self._signals: Any = None
+        self._step_s = 0.0  # synchronous: the optimizer steps not yet counted in a stage record
         self.schedule_name = schedule
         self._num_microbatches = None if num_microbatches is None else int(num_microbatches)
         self.balance = balance
@@ -405,9 +469,10 @@ class PipelineStrategyMixin:
         self._stats_received: dict[int, int] = {}
         self._stats_sent = 0
         self._queued: list[Callable[[], None]] = []  # logging owed by drains that ran outside a training step
-        self._last_loss = torch.tensor(float("nan"))
+        self._last_loss = float("nan")
         self._step_clock = time.perf_counter()
         self._version_difference = 0  # v of the schedule in use (0 for the synchronous ones)
+        self._next_version_difference: int | None = None  # v of the order the next stream runs in
         self._stats_window: dict[int, list[float]] = {}  # rank 0: stage -> records summed since the last log
         self._stats_steps = 0  # training steps since the stage statistics were last logged
         self._sync_clock: float | None = None  # synchronous: when the previous training step's record was taken
@@ -490,6 +555,7 @@ class PipelineStrategyMixin:
         self._own_replica_group = replicas[self.stage]
         self._replica_group = self._own_replica_group if self.num_replicas > 1 else None
         self._world_gloo = dist.new_group(ranks, backend="gloo", timeout=timeout)  # agreements at setup
+        self._sigterm_group = dist.new_group(ranks, backend="gloo", timeout=timeout)  # rank 0's SIGTERM flag
         # torchmetrics syncs over its process_group on compute(); each stage computes its metrics on its own
         self._metric_group = [dist.new_group([r], backend="gloo") for r in ranks][self.global_rank]
 
@@ -551,6 +617,8 @@ class PipelineStrategyMixin:
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
             self._hook_precision()
+            self._measure_costs()
+            self._replace_sigterm_barrier(trainer)
         self._failed = False
         self._engine = None
         if fitting and self.is_asynchronous:
@@ -624,19 +692,11 @@ class PipelineStrategyMixin:
             )
 
     def _check_asynchronous(self, trainer: Any) -> None:
-        w, n = self.num_stages, self.num_microbatches
         if trainer.accumulate_grad_batches != 1:
             raise PipelineConfigError(
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches} does not apply to {self.schedule_name!r}: "
                 "an asynchronous policy steps every stage once per mini-batch inside the pipeline; remove it (or use "
                 "a larger batch)"
-            )
-        if self.schedule_name == "timeprest_v" and version_difference(w, n) > 1:
-            smallest = next(k for k in range(1, w + 1) if version_difference(w, k) == 1)
-            raise PipelineConfigError(
-                f"timeprest_v is staleness-free only when the version difference v is 1, i.e. W <= N + 1; with "
-                f"W={w} stages and N={n} micro-batches v={version_difference(w, n)}. Use num_microbatches >= "
-                f"{smallest}, fewer stages, or schedule='timeprest_i'"
             )
         tied = self._tied
         if tied:
@@ -645,6 +705,160 @@ class PipelineStrategyMixin:
                 "at its own time and cannot keep such copies equal. Choose a balance that puts the tied layers on one "
                 "stage, or use schedule='gpipe' or '1f1b'"
             )
+
+    def _measure_costs(self) -> None:
+        """Each stage's op costs (given, or from the block profile and a timed optimizer step), agreed by all
+        ranks, and for an nF1B policy the order they give."""
+        assert self._plan is not None
+        costs = self._given_costs
+        if costs is None:
+            step = torch.zeros(self.num_stages, dtype=torch.float64)
+            step[self.stage] = time_optimizer_step(self.optimizers[0], self._local_params(), self.root_device)
+            if self.num_stages > 1:  # every replica's copy of a stage measured it: take their mean
+                dist.all_reduce(step, group=self._world_gloo)
+                step /= self.num_replicas
+            measured = stage_costs(self._block_costs, self._plan.balance, step.tolist())
+            costs = measured.rounded() if measured is not None else OpCosts.uniform(self.num_stages)
+        if costs.num_stages != self.num_stages:
+            raise PipelineConfigError(
+                f"op_costs lists {costs.num_stages} stages for a {self.num_stages}-stage pipeline; give one "
+                "[forward, backward, step] per stage"
+            )
+        self.op_costs = costs
+        self.order_choice = None
+        if self.schedule_name in ASYNCHRONOUS_SCHEDULES and self.schedule_name != "pipedream":
+            self.order_choice = self._choose_order(costs)
+            # measured costs: re-derive the order from the op times as they run (see _recalibrate)
+            self._measuring = self._given_costs is None and self.order == "cost"
+            self._calibrations_left = _CALIBRATION_DRAINS if self._measuring else 0
+            rank_zero_info(f"{type(self).__name__}: {self.order_choice.describe()}")
+
+    def _recalibrate(self) -> None:
+        """Re-derive the nF1B order from how long each stage's ops took in the stream that just drained (a
+        collective, called by every rank right after a drain)."""
+        engine = self._engine
+        assert engine is not None
+        self._calibrations_left = max(0, self._calibrations_left - 1)
+        rows = torch.zeros(self.num_stages, 4, dtype=torch.float64)
+        medians = engine.clock.medians()
+        if medians is not None:
+            rows[self.stage] = torch.tensor([*medians, len(engine.clock.backward)], dtype=torch.float64)
+        dist.all_reduce(rows, group=self._world_gloo)
+        if bool((rows[:, 3] < 2 * self.num_replicas).any()):  # a stage ran too few backwards to tell: keep it
+            return
+        costs = agreed_costs(rows[:, :3], self.num_replicas)
+        try:
+            choice = self._choose_order(costs)
+        except PipelineConfigError as err:  # an explicit max_inflight that now gives v > 1: keep the order
+            rank_zero_warn(f"kept the nF1B order chosen at start: {err}")
+            return
+        changed = choice.order != engine.order
+        self.op_costs, self.order_choice = costs, choice
+        engine.replan(choice.order)
+        self._next_version_difference = choice.version_difference  # logged from the next stream's first step on
+        if changed:
+            rank_zero_info(f"{type(self).__name__}: from the op times measured, {choice.describe()}")
+
+    def _choose_order(self, costs: OpCosts) -> OrderChoice:
+        w, n, cap = self.num_stages, self.num_microbatches, self.max_inflight
+        v_one = self.schedule_name == "timeprest_v"
+        choice = choose_order(w, n, costs, cap, staleness_free=v_one, unit_grid=self.order == "unit")
+        if v_one and choice.version_difference > 1:
+            if self.order == "unit" and cap is None:
+                smallest = next(k for k in range(1, w + 1) if version_difference(w, k) == 1)
+                raise PipelineConfigError(
+                    f"timeprest_v is staleness-free only when the version difference v is 1; in the paper's grid "
+                    f"(order='unit') that needs W <= N + 1, and with W={w} stages and N={n} micro-batches "
+                    f"v={choice.version_difference}. Use num_microbatches >= {smallest}, order='cost' (it keeps v = 1 "
+                    "at any W), fewer stages, or schedule='timeprest_i'"
+                )
+            unit = self.order == "unit"
+            fine = [k for k in range(1, cap) if choose_order(w, n, costs, k, unit_grid=unit).version_difference == 1]
+            largest = max(fine, default=1)
+            raise PipelineConfigError(
+                f"timeprest_v is staleness-free only when the version difference v is 1; with W={w} stages, N={n} "
+                f"micro-batches and max_inflight={cap} v={choice.version_difference}. Use max_inflight <= {largest}, "
+                "leave it unset (the fastest order with v = 1 is chosen), or schedule='timeprest_i'"
+            )
+        return choice
+
+    def _replace_sigterm_barrier(self, trainer: Any) -> None:
+        """Lightning 2.6 agrees on SIGTERM with a blocking broadcast from rank 0 at the start of every training step:
+        a barrier that would stop stage 0 from running ahead of the later stages, which the asynchronous policies
+        need (measured: a third of the step on an MLP at N = 4). The same agreement is made here without blocking:
+        each step rank 0 sends its flag to every rank, and each rank reads the flag sent a few steps earlier, which
+        has arrived by then, so all ranks still stop at the same step, that many steps after rank 0's SIGTERM.
+        (Point-to-point, not a collective: a collective left pending by a dead peer would hang the group's
+        teardown.)"""
+        loop, signals = trainer.fit_loop.epoch_loop, getattr(trainer, "_signal_connector", None)
+        if self.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = self._sigterm_check  # the loop instance's own; removed at teardown
+            self._sigterm_loop = loop
+            # Lightning's SIGTERM handler broadcasts over all ranks too, from inside the signal handler: with a
+            # stage blocked waiting for rank 0's activations that broadcast never completes. The handler Lightning
+            # registers next (after setup) only takes note of the signal instead.
+            if signals is not None and hasattr(signals, "_sigterm_notifier_fn"):
+                signals._sigterm_notifier_fn = self._on_sigterm
+                self._signals = signals
+
+    def _on_sigterm(self, signum: Any, frame: Any) -> None:
+        """SIGTERM on this rank: note it (rank 0's note reaches every rank through :meth:`_sigterm_check`) and pass
+        it on to the ranks this process launched, as Lightning does."""
+        signals = self._signals
+        rank_zero_info(f"Received SIGTERM: {signum}; every rank stops within a few steps")
+        if signals is not None and not signals.received_sigterm and self.launcher is not None:
+            self.launcher.kill(signum)
+        if signals is not None:
+            signals.received_sigterm = True
+
+    def _sigterm_check(self) -> None:
+        module = self.lightning_module
+        assert module is not None
+        group = self._sigterm_group
+        if self.global_rank == 0:
+            flag = torch.tensor([int(bool(getattr(module.trainer, "received_sigterm", False)))])
+            works = [dist.isend(flag, r, group=group) for r in range(1, self.world_size)]
+        else:
+            flag = torch.zeros(1, dtype=torch.int64)
+            works = [dist.irecv(flag, 0, group=group)]
+        self._sigterm_posts.append((works, flag))
+        # rank 0 is never more than max_inflight steps ahead of the last stage (it waits for their backwards)
+        lag = 2 * self.num_stages + 4 + (self.max_inflight or 0)
+        while len(self._sigterm_posts) > lag:
+            posted, value = self._sigterm_posts.popleft()
+            for work in posted:
+                work.wait(timeout=self.p2p_timeout)
+            if value.item():
+                with contextlib.suppress(Exception):
+                    dist.barrier(group=self._world_gloo)
+                raise SIGTERMException()
+
+    def _finish_sigterm_checks(self) -> None:
+        """Complete the flags in flight (before the groups are destroyed) and give Lightning its check back."""
+        if self._sigterm_loop is not None:
+            self._sigterm_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+            self._sigterm_loop = None
+        if self._signals is not None:
+            self._signals.__dict__.pop("_sigterm_notifier_fn", None)
+            self._signals = None
+        posts, self._sigterm_posts = self._sigterm_posts, deque()
+        if not self._failed:
+            for works, _ in posts:
+                for work in works:
+                    work.wait(timeout=self.p2p_timeout)
+
+    @property
+    def op_clock(self) -> OpClock | None:
+        """How long this stage's training ops took so far (compute only), while fitting; the asynchronous policies
+        restart it with each stream of mini-batches (at every drain)."""
+        if self._engine is not None:
+            return self._engine.clock
+        return self._runtime.clock if self._runtime is not None else None
+
+    def _local_params(self) -> list[Tensor]:
+        module = self.lightning_module
+        assert module is not None
+        return [p for p in module.parameters() if not p.is_meta]
 
     def _start_engine(self, module: Any) -> None:
         assert self._runtime is not None and self._plan is not None
@@ -664,10 +878,10 @@ class PipelineStrategyMixin:
             dynamic=self.dynamic,
             loss_of=_loss_of,
             before_step=self._before_async_step,
+            order=self.order_choice.order if self.order_choice is not None else None,
         )
-        self._version_difference = (
-            version_difference(self.num_stages, self.num_microbatches) if self.schedule_name != "pipedream" else 0
-        )
+        self._version_difference = self.order_choice.version_difference if self.order_choice is not None else 0
+        self._next_version_difference = None
         self._payloads, self._reported, self._queued = {}, -1, []
         self._stats_received = dict.fromkeys(range(1, self.num_stages), 0)
         self._stats_sent = 0
@@ -721,12 +935,13 @@ class PipelineStrategyMixin:
                 display = [prefix + n for n in names]
             if sample is not None and not meta:
                 micro = self._sample_microbatch(sample, traced)
-                costs.seconds, costs.bytes = profile_blocks(
+                costs.seconds, costs.forward_seconds, costs.bytes = profile_blocks(
                     runs, blocks, micro, self.root_device, self.num_microbatches
                 )
                 self._agree_on_costs(costs)
         balance = [1] * w if self.split_points else self.balance
         plan = plan_stages(name, names, w, balance, costs)
+        self._block_costs = costs
         if tm is not None and len(plan.layer_names) != tm.num_blocks:
             raise PartitionError(f"tracing {what} gave {tm.num_blocks} blocks for {len(names)} names")
 
@@ -823,14 +1038,14 @@ class PipelineStrategyMixin:
 
     def _agree_on_costs(self, costs: BlockCosts) -> None:
         """Every rank must cut alike: use the mean over the ranks of each block's measured cost."""
-        if self.num_stages == 1 or costs.seconds is None or costs.bytes is None:
+        if self.num_stages == 1 or costs.seconds is None or costs.bytes is None or costs.forward_seconds is None:
             return
         assert self._groups is not None
-        mine = torch.tensor([costs.seconds, costs.bytes], dtype=torch.float64)
+        mine = torch.tensor([costs.seconds, costs.forward_seconds, costs.bytes], dtype=torch.float64)
         dist.all_reduce(mine, group=self._world_gloo)  # every replica, too: they must cut alike
         mine /= self.world_size
-        costs.seconds = mine[0].tolist()
-        costs.bytes = [int(b) for b in mine[1].tolist()]
+        costs.seconds, costs.forward_seconds = mine[0].tolist(), mine[1].tolist()
+        costs.bytes = [int(b) for b in mine[2].tolist()]
 
     def _relative_split_points(self, name: str, target: nn.Module, tree: CallRecord) -> list[str]:
         assert self.split_points is not None
@@ -982,15 +1197,17 @@ class PipelineStrategyMixin:
             self._drain()
             self._final_optimizer_states = {id(o): self.optimizer_state(o) for o in self.optimizers}
         self._unhook_precision()
+        self._finish_sigterm_checks()
         self._unpartition(gather=not self._failed)
         for metric, group in self._metric_groups_before.items():
             metric.process_group = group
         self._metric_groups_before = {}
         if self._groups is not None:
             destroy_pipeline_groups(self._groups)
-            for group in (self._metric_group, self._own_replica_group, self._world_gloo):
+            for group in (self._metric_group, self._own_replica_group, self._world_gloo, self._sigterm_group):
                 dist.destroy_process_group(group)
             self._groups = self._metric_group = self._own_replica_group = self._world_gloo = None
+            self._sigterm_group = None
             self._replica_group = None
         module = self.lightning_module
         _optimizers_to_device(self.optimizers, torch.device("cpu"))
@@ -1089,16 +1306,36 @@ class PipelineStrategyMixin:
             offset += n
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        if self._engine is None:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-        # asynchronous: each stage stepped its optimizer inside the pipeline, once per finished mini-batch
-        return closure()
+        if self._engine is not None:
+            # asynchronous: each stage stepped its optimizer inside the pipeline, once per finished mini-batch
+            return closure()
+        # synchronous: the step (clipping and the optimizer's own) is the time the closure does not take; it counts
+        # as this stage's compute in the next step's record
+        closure_s = 0.0
+
+        def timed() -> Any:
+            nonlocal closure_s
+            begin = time.perf_counter()
+            try:
+                return closure()
+            finally:
+                closure_s = time.perf_counter() - begin
+
+        start = time.perf_counter()
+        result = super().optimizer_step(optimizer, timed, model, **kwargs)
+        step_s = time.perf_counter() - start - closure_s
+        self._step_s += step_s
+        if self._runtime is not None:
+            self._runtime.clock.add("step", step_s)
+        return result
 
     # -- the asynchronous engine ----------------------------------------------------------------------------
 
     def _async_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         module, runtime, engine = self.lightning_module, self._runtime, self._engine
         assert module is not None and runtime is not None and engine is not None
+        if self._next_version_difference is not None:
+            self._version_difference, self._next_version_difference = self._next_version_difference, None
         for owed in self._queued:
             owed()
         self._queued = []
@@ -1119,8 +1356,7 @@ class PipelineStrategyMixin:
             engine.run_step(call_user if runtime.runs_user_code else None, sizes, weights)
         if runtime.is_last:
             outputs = engine.finished.pop(k)
-            losses = torch.stack([_loss_of(o).detach().double().cpu() for o in outputs])
-            loss = ((losses * torch.tensor(sizes, dtype=torch.float64)).sum() / total).float()
+            loss = _weighted_loss(outputs, sizes)  # a Python float: it pickles and unpickles much faster than a tensor
             logged = metrics.reduce_logged(module, capture.calls[-len(sizes) :], sizes)
             payload = (loss, logged, metrics.metric_states(module, logged), self._stats_record())
             self._payloads[k] = payload
@@ -1131,13 +1367,15 @@ class PipelineStrategyMixin:
         else:
             self._log_stats(0, self._stats_record())
         self._stats_sent += 1
+        if k == 0:  # the first step's ops include allocations and other warm-up: not a cost to plan with
+            engine.clock = OpClock()
         final = _last_step_of_epoch(trainer)
-        if final:
+        if final or (self._calibrations_left and k + 1 >= CALIBRATION_STEPS):
             self._drain(in_step=True)
         else:
             self._report(engine.completed_on_stage0, in_step=True)
         self._emit_stats(final)
-        return self._last_loss.to(self.root_device)
+        return torch.tensor(self._last_loss, dtype=torch.float32, device=self.root_device)
 
     def _stats_record(self) -> list[float]:
         engine = self._engine
@@ -1272,6 +1510,8 @@ class PipelineStrategyMixin:
         self._stats_received = dict.fromkeys(range(1, self.num_stages), 0)
         self._stats_sent = 0
         self._sync_replicated_after_async()
+        if self._measuring:
+            self._recalibrate()
 
     def _sync_replicated_after_async(self) -> None:
         """Copy each replicated parameter from the stage that trained it to every stage that holds it."""
@@ -1355,8 +1595,7 @@ class PipelineStrategyMixin:
         payload = None
         if runtime.is_last:
             if train:  # a Python float: it pickles and unpickles much faster than a tensor
-                losses = torch.stack([_loss_of(o).detach().double().cpu() for o in result.outputs])
-                value = ((losses * torch.tensor(sizes, dtype=torch.float64)).sum() / total).float().item()
+                value = _weighted_loss(result.outputs, sizes)
             else:
                 value = move_data_to_device(join(result.outputs), "cpu") if hook == "predict_step" else None
             logged = metrics.reduce_logged(module, capture.calls, sizes)
@@ -1376,18 +1615,20 @@ class PipelineStrategyMixin:
     def _sync_stats_record(self, start: float, wait_s: float, samples: int) -> list[float]:
         """This stage's record of one synchronous training step (the same fields as the asynchronous engine's).
 
-        Busy time is the schedule's run less the time blocked on transfers; wall time runs from the previous
-        step's record, so Lightning's loop between steps counts as idle, as it does for the asynchronous policies.
+        Busy time is the schedule's run less the time blocked on transfers, plus the optimizer step taken since the
+        previous record; wall time runs from the previous step's record, so Lightning's loop between steps counts as
+        idle, as it does for the asynchronous policies.
         """
         module = self.lightning_module
         assert module is not None
         now = time.perf_counter()
         if self._weight_bytes is None:  # this stage's parameters do not change during fit
             self._weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
+        step_s, self._step_s = self._step_s, 0.0  # the previous steps' optimizer steps
         stats = StepStats(
             versions_held=1,
             weight_bytes=self._weight_bytes,
-            busy_s=max(0.0, now - start - wait_s),
+            busy_s=max(0.0, now - start - wait_s) + step_s,
             wait_s=wait_s,
             samples=samples,
             cuda_peak_bytes=self._cuda_peak_bytes(),
@@ -1462,7 +1703,11 @@ class PipelineStrategyMixin:
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """An ordinary checkpoint file written by rank 0; with ``sharded_checkpoint``, a directory ``filepath``
-        in which each stage of replica 0 writes its own states and rank 0 the rest."""
+        in which each stage of replica 0 writes its own states and rank 0 the rest. The op costs the nF1B order was
+        generated from are saved too, so that a resumed run continues in the same order."""
+        if self.op_costs is not None and self.order_choice is not None:
+            costs = self.op_costs
+            checkpoint[ORDER_KEY] = {"op_costs": [list(costs.forward), list(costs.backward), list(costs.step)]}
         if not self._sharding:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         directory = Path(filepath)
@@ -1498,6 +1743,20 @@ class PipelineStrategyMixin:
                     f"{unexpected[:5]}"
                 )
         module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+        self._restore_order(checkpoint.get(ORDER_KEY))
+
+    def _restore_order(self, saved: Mapping[str, Any] | None) -> None:
+        """Continue in the nF1B order of the run that wrote the checkpoint (unless op costs were given)."""
+        engine = self._engine
+        if saved is None or engine is None or self.order_choice is None or self._given_costs is not None:
+            return
+        costs = OpCosts(*(tuple(c) for c in saved["op_costs"]))
+        if costs.num_stages != self.num_stages:  # resumed with another number of stages: calibrate anew
+            return
+        choice = self._choose_order(costs)
+        self.op_costs, self.order_choice, self._calibrations_left = costs, choice, 0
+        engine.replan(choice.order)
+        self._version_difference = choice.version_difference
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         module = self.lightning_module

@@ -242,9 +242,19 @@ class VersionStore:
                 for s, v in zip(leaves.storage, saved, strict=True):
                     s.copy_(v)
 
+    def lend_grads(self, leaves: LeafSet) -> None:
+        """Let a backward through ``leaves`` accumulate into the parameters' ``.grad`` tensors in place (autograd
+        adds into a leaf's existing ``.grad``), instead of into new tensors :meth:`harvest` adds up: a gradient
+        buffer less per parameter and micro-batch, and no pass to add it."""
+        for p, leaf in zip(self.params, leaves.leaves, strict=True):
+            if p.grad is not None and leaf.grad is None:
+                leaf.grad = p.grad
+
     def harvest(self, leaves: LeafSet) -> None:
         """Add the gradients collected in ``leaves`` to the parameters' ``.grad`` and clear them."""
         for p, leaf in zip(self.params, leaves.leaves, strict=True):
-            if leaf.grad is not None:
-                p.grad = leaf.grad if p.grad is None else p.grad.add_(leaf.grad)
+            grad = leaf.grad
+            if grad is not None:
+                if grad is not p.grad:
+                    p.grad = grad if p.grad is None else p.grad.add_(grad)
                 leaf.grad = None

@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from lightning_timeprest.microbatch import split
 from lightning_timeprest.partition import plan_sequential
-from lightning_timeprest.schedules import Op, OpKind, Schedule, nf1b, pipedream_1f1b, simulate
+from lightning_timeprest.schedules import NF1BOrder, Op, OpKind, Schedule, nf1b, pipedream_1f1b, simulate
 
 FORWARD_RULE = {"timeprest_v": "live", "timeprest": "vertical", "timeprest_i": "live", "pipedream": "live"}
 BACKWARD_RULE = {"timeprest_v": "latest", "timeprest": "latest", "timeprest_i": "intermediate", "pipedream": "stashed"}
@@ -42,10 +42,15 @@ def reference(
     alpha: Callable[[int], float] = lambda d: math.exp(-d),
     rule: str = "graph",
     schedules: Sequence[Schedule] | None = None,
+    order: NF1BOrder | None = None,
     clip_value: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The state dict after ``epochs`` epochs (``schedules``: one recorded schedule per epoch instead of the
-    static one)."""
+    """The state dict after ``epochs`` epochs.
+
+    Each epoch is one stream of mini-batches in the static schedule (nF1B generated as ``order`` says), unless
+    ``schedules`` gives the streams as run: one schedule per stream, in order, each covering as many mini-batches
+    as it has backwards (a stream ends at an epoch end, or earlier where the pipeline drained mid-epoch).
+    """
     seed_everything(0)
     model = models.StemNetHead(optimizer=optimizer)
     w = num_stages
@@ -90,40 +95,50 @@ def reference(
         return x
 
     data = list(models.loader(batch_size))
-    for epoch in range(epochs):
-        m_count = len(data)
-        if schedules is not None:
-            schedule = schedules[epoch]
-        elif policy == "pipedream":
-            schedule = pipedream_1f1b(w, m_count)
-        else:
-            schedule = nf1b(w, num_microbatches, m_count)
-        n = schedule.num_microbatches
-        splits = [split(batch, n) for batch in data]
-        version = [0] * w
-        history: list[dict[int, dict[str, torch.Tensor]]] = [
-            {0: {k: v.detach().clone() for k, v in live[s].items()}} for s in range(w)
-        ]
-        entry: dict[tuple[int, int], int] = {}
-        fwd: dict[tuple[int, int, int], dict] = {}  # (stage, m, j) -> record
-        grad_in: dict[tuple[int, int, int], torch.Tensor] = {}  # gradient for stage s's output of (m, j)
-        grid = simulate(schedule)
-        for slot in range(len(grid[0])):
-            for s in range(w):
-                op = grid[s][slot]
-                if op is None:
-                    continue
-                if op.kind is OpKind.FORWARD:
-                    _forward(s, op, w, version, history, entry, fwd, splits, run_stage, rule, policy)
-                else:
-                    _backward(
-                        s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts,
-                        clip_value,
-                    )  # fmt: skip
+    streams = iter(schedules) if schedules is not None else None
+    for _ in range(epochs):
+        done = 0
+        while done < len(data):
+            if streams is not None:
+                schedule = next(streams)
+            elif policy == "pipedream":
+                schedule = pipedream_1f1b(w, len(data))
+            else:
+                schedule = nf1b(w, num_microbatches, len(data), order)
+            count = sum(op.kind is OpKind.BACKWARD for op in schedule.ops(0))
+            _run_stream(schedule, data[done : done + count], w, policy, rule, alpha, live, opts, run_stage, clip_value)
+            done += count
     out = {}
     for s in range(w):
         out.update({k: v.detach().clone() for k, v in live[s].items()})
     return out
+
+
+def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, clip_value) -> None:
+    """One stream: every stage starts at version 0 (the pipeline was drained), runs the schedule op by op in the
+    global slot order of its unit-slot simulation (any order that respects every dependency gives the same result)."""
+    n = schedule.num_microbatches
+    splits = [split(batch, n) for batch in data]
+    version = [0] * w
+    history: list[dict[int, dict[str, torch.Tensor]]] = [
+        {0: {k: v.detach().clone() for k, v in live[s].items()}} for s in range(w)
+    ]
+    entry: dict[tuple[int, int], int] = {}
+    fwd: dict[tuple[int, int, int], dict] = {}  # (stage, m, j) -> record
+    grad_in: dict[tuple[int, int, int], torch.Tensor] = {}  # gradient for stage s's output of (m, j)
+    grid = simulate(schedule)
+    for slot in range(len(grid[0])):
+        for s in range(w):
+            op = grid[s][slot]
+            if op is None:
+                continue
+            if op.kind is OpKind.FORWARD:
+                _forward(s, op, w, version, history, entry, fwd, splits, run_stage, rule, policy)
+            else:
+                _backward(
+                    s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts,
+                    clip_value,
+                )  # fmt: skip
 
 
 def _forward(s, op: Op, w, version, history, entry, fwd, splits, run_stage, rule, policy) -> None:

@@ -12,16 +12,16 @@ from async_reference import recorded_schedules, reference
 from conftest import assert_same_params, run_script, train, wait_for_ranks_to_exit
 from models import StemNetHead
 
-from lightning_timeprest.schedules import nf1b
+from lightning_timeprest.schedules import NF1BOrder, OpCosts, OpKind, choose_order, nf1b, staleness, version_difference
 
 EPOCHS = ("--epochs", "2", "--batch-size", "18")  # 6 mini-batches per epoch (the last one of 10 samples)
 
-# (policy, W, N, optimizer, rule): every policy at W = 2, 3, 4, each with SGD (momentum) and with Adam; N such
-# that v = 1 where the policy needs it, and W > N + 1 (v = 2) where it does not
+# (policy, W, N, optimizer, rule): every policy at W = 2, 3, 4, each with SGD (momentum) and with Adam, with
+# W > N + 1 (v = 2 in the paper's grid) among them
 CASES = [
     ("timeprest_v", 2, 2, "sgd", "graph"),
     ("timeprest_v", 3, 2, "adam", "graph"),
-    ("timeprest_v", 4, 3, "sgd", "recompute"),
+    ("timeprest_v", 4, 2, "sgd", "recompute"),  # W > N + 1: refused in the paper's grid, v = 1 in the order chosen
     ("timeprest", 2, 2, "adam", "graph"),
     ("timeprest", 3, 2, "sgd", "recompute"),
     ("timeprest", 4, 2, "adam", "graph"),
@@ -54,15 +54,35 @@ def _run(tmp_path, policy, w, n, optimizer, rule, *extra):
     )
 
 
+def _streams_run(tmp_path, name, w, n):
+    """The op order every stream ran (recorded by each rank), and the order each was generated in."""
+    out = tmp_path / f"{name}.pt"
+    traces = [torch.load(f"{out}.trace{r}") for r in range(w)]
+    orders = torch.load(f"{out}.orders0", weights_only=False)
+    ran = [i for i, t in enumerate(traces[0]) if t]
+    return recorded_schedules(traces, w, n), [orders["orders"][i] for i in ran], orders["op_costs"]
+
+
 @pytest.mark.parametrize("policy, w, n, optimizer, rule", CASES)
 def test_matches_single_process_reference(tmp_path, policy, w, n, optimizer, rule):
+    """With op costs measured at setup and re-derived from the first steps (a drain at the first epoch end), every
+    stream ran the order the generator gives, and replaying those orders by the same rule gives the same model."""
     got = _run(tmp_path, policy, w, n, optimizer, rule)
-    ref = reference(policy, w, n, optimizer=optimizer, rule=rule, epochs=2)
+    schedules, orders, _ = _streams_run(tmp_path, f"{policy}-{w}", w, n)
+    assert len(schedules) == 2  # one stream per epoch (6 steps each: no drain to measure op times in between)
+    if policy != "pipedream":
+        for schedule, order in zip(schedules, orders, strict=True):
+            count = sum(op.kind is OpKind.BACKWARD for op in schedule.ops(0))
+            assert schedule.stage_ops == nf1b(w, n, count, order).stage_ops
+            if order.costs is not None:  # a cost-aware order is the one the generator picks for its costs
+                assert choose_order(w, n, order.costs, staleness_free=policy == "timeprest_v").order == order
+    ref = reference(policy, w, n, optimizer=optimizer, rule=rule, epochs=2, schedules=schedules)
     params = {k: v for k, v in got["state_dict"].items() if k in ref}
     assert set(params) == set(ref)
     assert_same_params(ref, params)
     assert got["global_step"] == 12
     pipeline = got["pipeline"][-1]
+    last = schedules[-1]
     for s in range(w):
         held = pipeline[f"pipeline/stage{s}/versions_held_epoch"]
         if policy == "timeprest_v":
@@ -73,12 +93,38 @@ def test_matches_single_process_reference(tmp_path, policy, w, n, optimizer, rul
             copy = 1 if rule == "graph" and s < w - 1 else 0
             assert 1 <= held <= w - s + copy
             assert held == w - s + copy or w - s > 6  # 6 mini-batches per epoch: each stage's stash fills up
-        assert pipeline[f"pipeline/stage{s}/staleness_max_epoch"] >= 0
-    # the last stage never sees staleness under live forward weights; stage 0 does when W > 1
+        if policy != "timeprest":  # live forward weights: d is the order's (vertical sync reads stage 0's version)
+            assert pipeline[f"pipeline/stage{s}/staleness_max_epoch"] == max(staleness(last)[s])
     if policy != "timeprest":
         assert pipeline[f"pipeline/stage{w - 1}/staleness_max_epoch"] == 0
-    assert pipeline["pipeline/stage0/staleness_max_epoch"] >= 1
-    assert pipeline["pipeline/v_epoch"] == (0 if policy == "pipedream" else (1 if w <= n + 1 else 2))
+    v = 0 if policy == "pipedream" else version_difference(w, n, orders[-1])
+    assert pipeline["pipeline/v_epoch"] == v
+    if policy == "timeprest_v":
+        assert v == 1
+
+
+@pytest.mark.parametrize("policy, w, n, optimizer, rule", [("timeprest_i", 3, 4, "adam", "graph"),
+                                                            ("timeprest", 4, 3, "sgd", "recompute")])  # fmt: skip
+def test_given_op_costs_run_the_generated_order_exactly(tmp_path, policy, w, n, optimizer, rule):
+    """Given op costs, the order is a pure function of them (no calibration drain): the reference generates the
+    same order on its own and ends with the same model."""
+    step_heavy = ";".join(["1,2,3"] * w)  # an optimizer step that costs 1.5 backwards: not the paper's grid
+    got = _run(tmp_path, policy, w, n, optimizer, rule, "--op-costs", step_heavy)
+    costs = OpCosts((1.0,) * w, (2.0,) * w, (3.0,) * w)
+    order = choose_order(w, n, costs).order
+    assert order.costs is not None and nf1b(w, n, 6, order).stage_ops != nf1b(w, n, 6).stage_ops
+    schedules, orders, _ = _streams_run(tmp_path, f"{policy}-{w}", w, n)
+    assert orders == [order, order] and all(s.stage_ops == nf1b(w, n, 6, order).stage_ops for s in schedules)
+    ref = reference(policy, w, n, optimizer=optimizer, rule=rule, epochs=2, order=order)
+    assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
+
+
+def test_the_unit_order_replays_the_paper_grid(tmp_path):
+    got = _run(tmp_path, "timeprest_v", 3, 2, "sgd", "graph", "--order", "unit")
+    schedules, orders, _ = _streams_run(tmp_path, "timeprest_v-3", 3, 2)
+    assert orders == [NF1BOrder(), NF1BOrder()] and all(s.stage_ops == nf1b(3, 2, 6).stage_ops for s in schedules)
+    ref = reference("timeprest_v", 3, 2, epochs=2)
+    assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
 
 
 def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
@@ -100,13 +146,13 @@ def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
 
 @pytest.mark.parametrize("w, n", [(3, 2), (4, 2)])
 def test_significance_one_is_pipedream_stashing_and_zero_is_timeprest_v(tmp_path, w, n):
-    stashed = _run(tmp_path, "timeprest_i", w, n, "adam", "graph", "--significance", "one")
+    unit = ("--order", "unit")  # the same order for every run: v = 1 in the paper's grid when W <= N + 1
+    stashed = _run(tmp_path, "timeprest_i", w, n, "adam", "graph", "--significance", "one", *unit)
     ref = reference("pipedream", w, n, optimizer="adam", epochs=2, schedules=[nf1b(w, n, 6)] * 2)
     assert_same_params(ref, {k: v for k, v in stashed["state_dict"].items() if k in ref})
-    latest = _run(tmp_path, "timeprest_i", w, n, "adam", "graph", "--significance", "zero")
-    args = ("--schedule", "timeprest_v") if w <= n + 1 else ()
-    if args:
-        v = _run(tmp_path, "timeprest_v", w, n, "adam", "graph")
+    latest = _run(tmp_path, "timeprest_i", w, n, "adam", "graph", "--significance", "zero", *unit)
+    if w <= n + 1:
+        v = _run(tmp_path, "timeprest_v", w, n, "adam", "graph", *unit)
         assert_same_params(v["state_dict"], latest["state_dict"], atol=0)
     ref = reference("timeprest_v", w, n, optimizer="adam", epochs=2)
     assert_same_params(ref, {k: v for k, v in latest["state_dict"].items() if k in ref})
@@ -144,23 +190,13 @@ def test_checkpoint_after_the_drain_resumes_exactly(tmp_path):
     assert_same_params(model.state_dict(), full["state_dict"], atol=0)
 
 
-def test_mid_epoch_validation_and_max_steps_drain(tmp_path):
-    """Validation drains the pipeline first; fit ending on max_steps mid-epoch drains on the last step."""
-    got = train(
-        tmp_path,
-        "val",
-        "--devices",
-        "2",
-        "--schedule",
-        "timeprest_v",
-        "--n",
-        "2",
-        "--val",
-        "--max-steps",
-        "8",
-        "--epochs",
-        "3",
-    )
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_mid_epoch_validation_and_max_steps_drain(tmp_path, dynamic):
+    """Validation drains the pipeline first; fit ending on max_steps mid-epoch drains on the last step. (Receives
+    posted ahead, such as the next activation's, belong to the stage's communication, not to the engine: the
+    validation forward takes the one the training stream left posted.)"""
+    args = ("--devices", "3", "--schedule", "timeprest_v", "--n", "2", "--val", "--max-steps", "8", "--epochs", "3")
+    got = train(tmp_path, "val", *args, *(("--dynamic",) if dynamic else ()))
     assert got["global_step"] == 8
     assert math.isfinite(got["epochs"][0]["val_loss"])
 

@@ -115,6 +115,21 @@ def test_a_failing_stage_ends_every_rank(tmp_path, rank, how):
     )
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
+def test_sigterm_on_rank_0_stops_every_rank(tmp_path, schedule):
+    """A preempted job (SIGTERM to rank 0, which the launcher passes on): every rank stops with Lightning's
+    SIGTERMException within a step or two, none waits on another (Lightning's own SIGTERM handling broadcasts from
+    inside the signal handler and every step; the strategy replaces both with a check that never blocks)."""
+    out = tmp_path / "term.pt"
+    start = time.monotonic()
+    args = ("--devices", "3", "--schedule", schedule, "--n", "2", "--epochs", "3", "--batch-size", "6")
+    run_script(tmp_path, *args, "--sigterm-step", "4", "--out", str(out), check=False, timeout=120)
+    wait_for_ranks_to_exit(str(out))
+    assert time.monotonic() - start < 120
+    stopped = [(tmp_path / f"term.pt.stopped{r}").read_text().split() for r in range(3)]
+    assert all(kind == "SIGTERMException" and 4 <= int(step) <= 6 for kind, step in stopped), stopped
+
+
 def test_asynchronous_policies_refuse_gradient_accumulation():
     with pytest.raises(PipelineConfigError, match="accumulate_grad_batches=2 does not apply to 'timeprest_i'"):
         _fit_one_process(StemNetHead(), schedule="timeprest_i", accumulate_grad_batches=2)
@@ -123,8 +138,10 @@ def test_asynchronous_policies_refuse_gradient_accumulation():
 @pytest.mark.parametrize(
     "args, message",
     [
-        # W = 4 > N + 1 = 3: V-TiMePReSt would not be staleness-free
-        (("--schedule", "timeprest_v", "--n", "2", "--devices", "4"), "Use num_microbatches >= 3"),
+        # in the paper's grid, W = 4 > N + 1 = 3: V-TiMePReSt would not be staleness-free (v = 2)
+        (("--schedule", "timeprest_v", "--n", "2", "--devices", "4", "--order", "unit"), "Use num_microbatches >= 3"),
+        # a cap that lets stage 0 hold 5 mini-batches: d = 4 steps between its forward and backward, v = 2
+        (("--schedule", "timeprest_v", "--n", "2", "--devices", "4", "--max-inflight", "5"), "Use max_inflight <= "),
         # the embedding is tied to a layer on another stage
         (
             ("--schedule", "timeprest_i", "--n", "2", "--devices", "2", "--model", "TiedLM"),

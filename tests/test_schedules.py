@@ -19,6 +19,7 @@ from lightning_timeprest.schedules import (
     render_grid,
     simulate,
     staleness,
+    steady_state,
     timeline,
     validate,
     version_difference,
@@ -293,3 +294,16 @@ def test_op_costs_are_checked():
     with pytest.raises(ScheduleError, match="max_inflight"):
         NF1BOrder(None, 0)
     assert OpCosts((2.0, 4.0), (4.0, 8.0), (0.0, 1.234)).rounded() == OpCosts((0.67, 1.3), (1.3, 2.7), (0.0, 0.41))
+
+
+def test_an_order_timed_with_other_costs_than_it_was_generated_from():
+    """steady_state times the order's ops with the costs given: the ideal of an order run on a machine whose op
+    times differ from those the order was made for (the last stage here does more than the first)."""
+    planned, actual = OpCosts.uniform(2, 1.0, 2.0, 2.5), OpCosts((0.8, 1.2), (2.0, 2.2), (2.5, 2.5))
+    order = NF1BOrder(planned, 3)
+    busy = steady_state(2, 4, order, actual)[0]
+    work = [4 * actual.forward[s] + actual.backward_op(s, 4) for s in range(2)]
+    assert busy[0] <= work[0] / work[1] + 1e-9 and busy[1] <= 1.0  # stage 0 waits for the slower stage 1
+    times = timeline(nf1b(2, 4, 64, order), actual)
+    assert busy == pytest.approx(busy_fractions(nf1b(2, 4, 64, order), costs=actual), abs=0.03)
+    assert len(times[0]) == 64 * 5

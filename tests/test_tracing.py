@@ -149,8 +149,9 @@ def test_functional_dropout_is_reported():
 
 def test_profile_measures_every_block_and_balances_by_time():
     layers = [nn.Linear(64, 64), nn.Linear(64, 512), nn.Linear(512, 512), nn.Linear(512, 8)]
-    seconds, nbytes = profile_blocks(layers, layers, torch.randn(32, 64), torch.device("cpu"), num_microbatches=2)
+    seconds, forward, nbytes = profile_blocks(layers, layers, torch.randn(32, 64), torch.device("cpu"), 2)
     assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert all(0 < f < s for f, s in zip(forward, seconds, strict=True))  # the forward is part of the total
     # weights and gradients (2 x 4 bytes per parameter) plus the saved input for 2 micro-batches: a Linear saves
     # its weight too, which is no activation and is not counted again
     assert nbytes[2] == 2 * 4 * (512 * 512 + 512) + 2 * 4 * (32 * 512)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -70,6 +71,8 @@ class Record(Callback):
             self.trace = [
                 [(e.op.kind.value, e.op.minibatch, e.op.microbatch, e.version) for e in t] for t in engine.trace
             ]
+            self.orders = list(engine.stream_orders)
+            self.op_costs = trainer.strategy.op_costs
 
 
 def constant_one(d: int) -> float:
@@ -89,6 +92,21 @@ class Overflow(Callback):
     def on_after_backward(self, trainer, pl_module):
         if trainer.global_rank == self.rank and trainer.global_step == 0:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+
+class Terminate(Callback):
+    """Sends SIGTERM to rank 0 at a step (as a cluster's preemption would), and records the step each rank stops at."""
+
+    def __init__(self, step: int, out: str) -> None:
+        self.step, self.out = step, out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 0 and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer, pl_module, exception):
+        with open(f"{self.out}.stopped{trainer.global_rank}", "w") as f:
+            f.write(f"{type(exception).__name__} {trainer.global_step}")
 
 
 class Die(Callback):
@@ -127,10 +145,14 @@ def main() -> None:
     p.add_argument("--split-points", default=None, help="comma-separated submodule names")
     p.add_argument("--die-rank", type=int, default=-1)
     p.add_argument("--die-step", type=int, default=-1)
+    p.add_argument("--sigterm-step", type=int, default=-1, help="rank 0 receives SIGTERM at this step")
     p.add_argument("--save-final", default=None, help="trainer.save_checkpoint(PATH) after fit")
     p.add_argument("--significance", default="exp", help="exp|inverse|power|one|zero")
     p.add_argument("--rule", default="graph")
     p.add_argument("--dynamic", action="store_true")
+    p.add_argument("--order", default="cost", help="cost|unit")
+    p.add_argument("--max-inflight", type=int, default=None)
+    p.add_argument("--op-costs", default=None, help="forward,backward,step per stage, stages separated by ';'")
     p.add_argument("--scheduler", default="", help="step: StepLR stepping every optimizer step")
     p.add_argument("--logger", default="csv", help="csv|tensorboard")
     p.add_argument("--rich", action="store_true", help="Lightning's rich progress bar")
@@ -157,6 +179,8 @@ def main() -> None:
     callbacks: list[Callback] = [record]
     if args.die_step >= 0:
         callbacks.append(Die(args.die_rank, args.die_step))
+    if args.sigterm_step >= 0:
+        callbacks.append(Terminate(args.sigterm_step, args.out))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1))
     best = None
@@ -188,6 +212,9 @@ def main() -> None:
             significance=significance,
             backward_rule=args.rule,
             dynamic=args.dynamic,
+            order=args.order,
+            max_inflight=args.max_inflight,
+            op_costs=[list(map(float, row.split(","))) for row in args.op_costs.split(";")] if args.op_costs else None,
             module_name=args.module_name,
             split_points=args.split_points.split(",") if args.split_points else None,
             stages=args.stages,
@@ -264,6 +291,7 @@ def main() -> None:
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
+        torch.save({"orders": record.orders, "op_costs": record.op_costs}, f"{args.out}.orders{trainer.global_rank}")
         torch.save(record.learning_rates, f"{args.out}.lrs{trainer.global_rank}")
 
 
