@@ -20,6 +20,7 @@ vertical sync its backward follows its forwards with no optimizer step in betwee
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -356,6 +357,10 @@ class AsyncRuntime:
     def _backward(self, m: int) -> None:
         assert m == self.next_backward, f"stage {self.stage}: backward {m} out of order"
         mb = self.pending.pop(m)
+
+        def j_leaves(j: int) -> int:
+            return id(mb.micro[j].leaves)
+
         if self.is_last:
             self._backward_last(mb)
             self.finished[m] = mb.outputs
@@ -366,8 +371,11 @@ class AsyncRuntime:
                     posted = self.comm.post_ticket()
                 got = self.comm.wait_ticket(posted)
                 assert got == m, f"stage {self.stage}: expected the backward of mini-batch {m}, got {got}"
-            for j in range(self.num_microbatches):
-                self._backward_micro(mb, j)
+            # consecutive micro-batches whose forwards read the same weights share their backward weights (W~ is
+            # built once) and, under the graph rule, one exchange of the weights their graphs saved
+            runs = itertools.groupby(range(self.num_microbatches), key=lambda j: (mb.micro[j].version, j_leaves(j)))
+            for (version, _), js in runs:
+                self._backward_micros(mb, version, list(js))
         self.next_backward = m + 1
         self.trace[-1].append(TraceEntry(Op(OpKind.BACKWARD, m, None), self.store.version))
         for i, p in enumerate(self.store.params):
@@ -423,33 +431,44 @@ class AsyncRuntime:
             for j in range(self.num_microbatches):
                 self.comm.send_gradients(mb.micro[j].inputs)
 
-    def _backward_micro(self, mb: _MiniBatch, j: int) -> None:
-        record = mb.micro[j]
-        values, d = self.store.backward_values(self.policy, record.version, self.alpha)
-        self.stats.staleness.append(d)
-        if record.leaves is not None:  # graph rule: the saved weights read the backward weights
-            pairs = self.comm.recv_gradients(record.outputs, record.grads)
-            self.store.lend_grads(record.leaves)
-            with self.store.reading(record.leaves, values):
-                if pairs:
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            self.store.harvest(record.leaves)
-        else:  # recompute: rerun the stage with the backward weights
-            if values[0].data_ptr() == self.store.params[0].data_ptr():
-                leaves = self.store.live_leaves()
-            else:
-                leaves = LeafSet(-1, values)
+    def _backward_micros(self, mb: _MiniBatch, version: int, js: list[int]) -> None:
+        """Back-propagate micro-batches ``js`` of ``mb``, whose forwards read weight ``version``, in order."""
+        values, d = self.store.backward_values(self.policy, version, self.alpha)
+        self.stats.staleness += [d] * len(js)
+        graph = mb.micro[js[0]].leaves  # the same leaf set for all of js (None: the recompute rule)
+        if graph is not None:  # graph rule: the saved weights read the backward weights
+            leaves = graph
+            self.store.lend_grads(leaves)
+            with self.store.reading(leaves, values):
+                for j in js:
+                    record = mb.micro[j]
+                    pairs = self.comm.recv_gradients(record.outputs, record.grads)
+                    if pairs:
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    self._send_gradients(mb, j)
+            self.store.harvest(leaves)
+            return
+        # recompute: rerun the stage with the backward weights
+        if values[0].data_ptr() == self.store.params[0].data_ptr():
+            leaves = self.store.live_leaves()
+        else:
+            leaves = LeafSet(-1, values)
+        self.store.lend_grads(leaves)
+        for j in js:
+            record = mb.micro[j]
             with _rng_restored(record.rng):
                 _, out = self._stage_forward(mb, j, record.inputs, leaves)
             pairs = self.comm.recv_gradients(out, record.grads)
-            self.store.lend_grads(leaves)
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            self.store.harvest(leaves)
+            self._send_gradients(mb, j)
+        self.store.harvest(leaves)
+
+    def _send_gradients(self, mb: _MiniBatch, j: int) -> None:
         if not self.is_first:
             if self.dynamic and j == 0:
                 self.comm.send_ticket(mb.index)
-            self.comm.send_gradients(record.inputs)
+            self.comm.send_gradients(mb.micro[j].inputs)
 
 
 class _Call(nn.Module):
