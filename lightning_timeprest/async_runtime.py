@@ -279,6 +279,8 @@ class AsyncRuntime:
         """Backward priority on what has arrived; return once the forwards of ``k`` ran and no backward is ready."""
         deadline = time.monotonic() + self.comm.timeout.total_seconds()
         while True:
+            # cleared before the checks, so that an arrival during them makes the wait below return at once
+            self.comm.arrived.clear()
             if self._backward_ready():
                 self._run(Op(OpKind.BACKWARD, self.next_backward, None))
             elif self._forward_ready(k):
@@ -293,7 +295,7 @@ class AsyncRuntime:
                         f"{self.comm.timeout.total_seconds():.0f} s; a neighbouring stage is stuck"
                     )
                 waited = time.perf_counter()
-                time.sleep(0.0002)
+                self.comm.arrived.wait(timeout=1.0)
                 self.comm.wait_seconds += time.perf_counter() - waited
                 continue
             deadline = time.monotonic() + self.comm.timeout.total_seconds()

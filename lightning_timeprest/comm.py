@@ -159,6 +159,7 @@ class PostedRecv:
         finally:
             assert self._done is not None
             self._done.set()
+            self._comm.arrived.set()
 
     def ready(self) -> bool:
         if self._done is None:
@@ -197,6 +198,8 @@ class StageComm:
     _pending: list[tuple[Any, list[Tensor]]] = field(default_factory=list)
     #: seconds spent blocked in receives and in waiting for sends (communication wait)
     wait_seconds: float = 0.0
+    #: set by every watched :class:`PostedRecv` when its data arrives: a stage with nothing to run sleeps on it
+    arrived: threading.Event = field(default_factory=threading.Event)
     #: the next activation's header, posted as soon as the previous activation arrived: every message from the
     #: previous stage on the activation group starts with a header, whichever runtime receives it next
     _header: PostedRecv | None = None
