@@ -26,6 +26,15 @@ def machine() -> dict[str, object]:
     }
 
 
+def pin(rank: int, cores: str, threads: int) -> None:
+    """Give this process core ``rank`` of ``cores`` (e.g. "0,1") and ``threads`` threads: on a CPU, each pipeline
+    stage then has compute of its own, as each stage has its own accelerator in real use."""
+    import torch
+
+    os.sched_setaffinity(0, {int(cores.split(",")[rank])})
+    torch.set_num_threads(threads)
+
+
 def worker_env() -> dict[str, str]:
     """The environment for a fresh worker run (Lightning's launcher then starts the other ranks)."""
     return {k: v for k, v in os.environ.items() if k not in _LAUNCHED}
