@@ -17,6 +17,7 @@ enough that staleness shows (at 0.1 the digits CNN diverges under gpipe too).
 
     python benchmarks/convergence.py --quick   # about 3 minutes on 2 CPU cores
     python benchmarks/convergence.py           # about 30 minutes on 2 CPU cores
+    python benchmarks/convergence.py --study time   # wall time to accuracy, each stage on its own core
 
 ``--quick``: W = 2, N = 2. Digits: 6 epochs, seeds 0, 1, 2, every variant (lambda swept for the graph rule, lambda
 = 1 with recompute). CIFAR-shaped: 1024 training and 512 validation images, VGG-16 at width 1/16, 5 epochs, seed 0,
@@ -24,6 +25,12 @@ gpipe, pipedream, timeprest_v (graph) and timeprest_i (lambda = 1, both rules). 
 every variant (lambda swept for both rules), seeds 0, 1, 2; 15 epochs of digits; 10 epochs of the CIFAR-shaped
 set at the quick mode's size. ``--datasets digits`` runs one of the two; ``--report-only``
 rewrites the report from the last run's JSON (e.g. with another ``--target-fraction``) without training.
+
+``--study time`` answers what a user waits for: wall-clock seconds to the target with every stage process pinned
+to its own core (one thread each, as each stage has its own accelerator in real use), for one device (``single``:
+one process on one core), gpipe, 1f1b, pipedream, timeprest_v and timeprest_i at W = 2, N = 2, seeds 0, 1, 2: 10
+epochs of digits and 10 of the CIFAR-shaped set with VGG-16 at width 1/8 (``--quick``: 6 and 5 epochs, seed 0).
+``--cores 0,1`` pins the other studies the same way.
 
 One worker launch per (dataset, W) runs all its (variant, seed) fits in turn in the same processes (Lightning's
 launcher starts the other ranks). Writes ``benchmarks/results/convergence.{json,md,png}`` with the machine it ran on.
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -45,10 +53,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import QUIET, worker_env  # noqa: E402
+from common import QUIET, pin, worker_env  # noqa: E402
 from common import machine as machine_info  # noqa: E402  (benchmarks/common.py)
 
 RESULTS = ROOT / "benchmarks" / "results"
+ASYNCHRONOUS = ("pipedream", "timeprest", "timeprest_v", "timeprest_i")
 LAMBDAS = (0.5, 1.0, 2.0)
 RULES = ("graph", "recompute")
 DATASET_TITLES = {"digits": "digits (sklearn), small CNN", "cifar": "CIFAR-shaped (generated), thin VGG-16"}
@@ -86,6 +95,8 @@ def variants(sweep_rules: tuple[str, ...] = RULES) -> list[str]:
 QUICK_CIFAR = ["gpipe", "pipedream", "timeprest_v:graph", "timeprest_i:graph:1", "timeprest_i:recompute:1"]
 #: ``--study rules``: the two backward rules where they differ, 3 seeds on both datasets (decides the default)
 RULES_STUDY = ["gpipe", "timeprest_v:graph", "timeprest_v:recompute", "timeprest_i:graph:1", "timeprest_i:recompute:1"]
+#: ``--study time``: wall-clock time to accuracy with every stage on its own core, against one device (``single``)
+TIME_STUDY = ["gpipe", "1f1b", "pipedream", "timeprest_v:graph", "timeprest_i:graph:1"]
 
 
 # -------------------------------------------------------------------------------------------------------- worker
@@ -168,10 +179,14 @@ def worker(args: argparse.Namespace) -> None:
 
     class Record(Callback):
         """Rank 0's per-epoch record: validation accuracy, wall seconds since training started, and the latest
-        epoch values of the strategy's per-stage statistics."""
+        epoch values of the strategy's per-stage statistics. With ``--cores``, pins each rank to its own core."""
 
         def __init__(self) -> None:
             self.start, self.val_acc, self.seconds, self.stats = 0.0, [], [], {}
+
+        def setup(self, trainer, pl_module, stage):
+            if args.cores:
+                pin(trainer.local_rank, args.cores, 1)
 
         def on_train_epoch_end(self, trainer, pl_module):
             self.stats = pipeline_stats(trainer) or self.stats
@@ -207,11 +222,15 @@ def worker(args: argparse.Namespace) -> None:
                 model.model = VGG16(width=args.width, dropout=0.0)  # a thin classifier: no dropout
                 data = CIFAR10DataModule(batch_size=args.batch_size, num_train=args.num_train, num_val=args.num_val)
                 fit_kw = {"datamodule": data}
-            strategy = lightning_timeprest.TiMePReStStrategy(
-                schedule=v["schedule"],
-                num_microbatches=None if v["schedule"] == "pipedream" else args.n,
-                backward_rule=v["rule"] or "graph",
-                decay_lambda=1.0 if v["lambda"] is None else v["lambda"],
+            strategy: Any = (
+                "auto"
+                if v["schedule"] == "single"
+                else lightning_timeprest.TiMePReStStrategy(
+                    schedule=v["schedule"],
+                    num_microbatches=None if v["schedule"] == "pipedream" else args.n,
+                    backward_rule=v["rule"] or "graph",
+                    decay_lambda=1.0 if v["lambda"] is None else v["lambda"],
+                )
             )
             record = Record()
             trainer = Trainer(
@@ -409,7 +428,7 @@ def findings(summary: dict) -> list[str]:
             )
     # against the synchronous reference
     gpipe = variant_key("gpipe")
-    asyncs = [k for k in rows if k != gpipe]
+    asyncs = [k for k, r in rows.items() if r["schedule"] in ASYNCHRONOUS]
     if gpipe in rows and asyncs:
         faster = [k for k in asyncs if ep(k) < ep(gpipe)]
         slower = [k for k in asyncs if ep(k) > ep(gpipe)]
@@ -426,7 +445,9 @@ def findings(summary: dict) -> list[str]:
         )
     # wall time to the target
     everywhere = [k for k, r in rows.items() if None not in r["seconds_to_target"]]
-    if everywhere:
+    if "single" in rows:
+        out += time_findings(rows, epochs)
+    elif everywhere:
         fastest = min(everywhere, key=lambda k: _mean(rows[k]["seconds_to_target"]))
         ref = (
             f" (gpipe {_mean(rows[gpipe]['seconds_to_target']):.1f} s)"
@@ -441,7 +462,7 @@ def findings(summary: dict) -> list[str]:
     # memory and staleness of V-TiMePReSt among the asynchronous policies
     policies: dict[str, tuple[float, float]] = {}  # policy -> (weight bytes over all stages, mean d over stages)
     for r in rows.values():
-        if r["schedule"] == "gpipe" or None in r["weight_bytes_per_stage"] or not r["weight_bytes_per_stage"]:
+        if r["schedule"] not in ASYNCHRONOUS or None in r["weight_bytes_per_stage"] or not r["weight_bytes_per_stage"]:
             continue
         nbytes = sum(r["weight_bytes_per_stage"])
         d = _mean([x for x in r["staleness_mean_per_stage"] if x is not None])
@@ -468,6 +489,36 @@ def findings(summary: dict) -> list[str]:
     return out
 
 
+def time_findings(rows: dict[str, dict], epochs: int) -> list[str]:
+    """Time to the target with every stage on its own core, against one device and the synchronous schedules
+    (a variant that missed the target with some seed is compared on the seeds where both reached it)."""
+    out = []
+
+    def seconds(key: str) -> list[float | None]:
+        return rows[key]["seconds_to_target"]
+
+    def against(key: str, ref: str) -> str:
+        pairs = [(a, b) for a, b in zip(seconds(key), seconds(ref), strict=True) if a is not None and b is not None]
+        if not pairs:
+            return f"`{ref}`: no seed where both reached it"
+        ratio = statistics.fmean(b / a for a, b in pairs)
+        return f"{ratio:.2f}x as fast as `{ref}` ({len(pairs)} seeds)"
+
+    per_epoch = {k: r["seconds_per_epoch"] for k, r in rows.items()}
+    for key in rows:
+        if key == "single":
+            continue
+        reached = sum(x is not None for x in seconds(key))
+        refs = [r for r in ("single", "gpipe", "1f1b") if r in rows and r != key]
+        out.append(
+            f"- `{key}`: an epoch in {per_epoch[key]:.2f} s ({per_epoch['single'] / per_epoch[key]:.2f}x one "
+            f"device's speed); reached the target with {reached} of {len(seconds(key))} seeds; to the target "
+            + "; ".join(against(key, ref) for ref in refs)
+            + "."
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -480,9 +531,10 @@ def main() -> None:
     p.add_argument(
         "--study",
         default="all",
-        choices=["all", "rules"],
+        choices=["all", "rules", "time"],
         help="rules: timeprest_v and timeprest_i with each backward_rule, 3 seeds on both datasets "
-        "(writes convergence_rules.*; about 4 minutes on 2 cores)",
+        "(writes convergence_rules.*; about 4 minutes on 2 cores); time: wall time to the target with each stage "
+        "pinned to its own core, against one device on one core (writes convergence_time.*)",
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -497,11 +549,14 @@ def main() -> None:
     p.add_argument("--width", type=float, default=1 / 16, help=argparse.SUPPRESS)
     p.add_argument("--num-train", type=int, default=768, help=argparse.SUPPRESS)
     p.add_argument("--num-val", type=int, default=512, help=argparse.SUPPRESS)
+    p.add_argument("--cores", default="", help="pin rank r to the r-th of these cores, e.g. 0,1 (--study time: all)")
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
-    stem = "convergence" if args.study == "all" else "convergence_rules"
+    stem = {"all": "convergence", "rules": "convergence_rules", "time": "convergence_time"}[args.study]
+    if args.study == "time":
+        args.cores = args.cores or ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))
     if args.report_only:
         write_report(json.loads((RESULTS / f"{stem}.json").read_text()), args.target_fraction, stem)
         return
@@ -516,7 +571,16 @@ def main() -> None:
             if dataset in datasets:
                 plan = {"dataset": dataset, "w": 2, "keys": RULES_STUDY, "seeds": [0, 1, 2], "settings": settings}
                 plans.append(plan)
-    for w in () if args.study == "rules" else (2,) if quick else (2, 3):
+    if args.study == "time":
+        digits = {"n": 2, "epochs": 6 if quick else 10, "lr": 0.05, "batch_size": 32}
+        cifar = {"n": 2, "epochs": 5 if quick else 10, "lr": 0.05, "batch_size": 32, "width": 1 / 8}
+        cifar |= {"num_train": 1024, "num_val": 512}
+        for dataset, settings in (("digits", digits), ("cifar", cifar)):
+            if dataset in datasets:  # one device on one core, then every schedule with W = 2
+                seeds = [0] if quick else [0, 1, 2]
+                plans.append({"dataset": dataset, "w": 1, "keys": ["single"], "seeds": seeds, "settings": settings})
+                plans.append({"dataset": dataset, "w": 2, "keys": TIME_STUDY, "seeds": seeds, "settings": settings})
+    for w in () if args.study in ("rules", "time") else (2,) if quick else (2, 3):
         if "digits" in datasets:
             plans.append(
                 {
@@ -548,11 +612,16 @@ def main() -> None:
 
     start = time.perf_counter()
     results = []
+    single: dict[str, list[dict]] = {}  # the one-device runs join the table of the pipeline runs that follow
     for plan in plans:
-        runs = run(plan["dataset"], plan["w"], plan["keys"], plan["seeds"], plan["settings"])
-        results.append({**plan, "runs": runs})
+        settings = {**plan["settings"], **({"cores": args.cores} if args.cores else {})}
+        runs = run(plan["dataset"], plan["w"], plan["keys"], plan["seeds"], settings)
+        if plan["w"] == 1:
+            single[plan["dataset"]] = runs
+            continue
+        results.append({**plan, "runs": single.pop(plan["dataset"], []) + runs})
     report = {"machine": machine_info(), "quick": quick, "wall_s": time.perf_counter() - start, "results": results}
-    report["study"] = args.study
+    report["study"], report["cores"] = args.study, args.cores
     write_report(report, args.target_fraction, stem)
 
 
@@ -562,7 +631,13 @@ def write_report(report: dict[str, Any], target_fraction: float, stem: str = "co
     for res in report["results"]:
         res["summary"] = summarise(res["runs"], target_fraction)
     machine, results = report["machine"], report["results"]
-    kind = "backward-rule study" if report.get("study") == "rules" else "quick" if report["quick"] else "full"
+    kind = {"rules": "backward-rule study", "time": "time-to-accuracy study"}.get(report.get("study", ""), "")
+    kind = kind or ("quick" if report["quick"] else "full")
+    timing = (
+        f"each rank pinned to its own core of {report['cores']}, one thread; `single`: one process on one core"
+        if report.get("cores")
+        else "2 CPU cores shared by W processes: a measure of cost per epoch, not of a speed-up"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = [
@@ -570,8 +645,8 @@ def write_report(report: dict[str, Any], target_fraction: float, stem: str = "co
         f"{kind} run, {report['wall_s'] / 60:.1f} minutes. Target: "
         f"{target_fraction:g} x gpipe's mean final validation accuracy, per dataset and W. Epochs and seconds to "
         "target: mean [min, max] over the seeds that reached it; seconds run from the start of training to the end "
-        "of that epoch's validation (2 CPU cores shared by W processes: a measure of cost per epoch, not of a "
-        "speed-up). Mean d and versions held: the last epoch's logged `staleness_mean` and `versions_held` of each "
+        f"of that epoch's validation ({timing}). Mean d and versions held: the last epoch's logged `staleness_mean` "
+        "and `versions_held` of each "
         "stage, mean over seeds. Variants: `schedule:backward_rule:lambda` (lambda of I-TiMePReSt's "
         "alpha(d) = exp(-lambda d)).",
     ]
@@ -605,6 +680,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
     colors = {"gpipe": "black", "pipedream": "tab:blue", "timeprest": "tab:orange", "timeprest_v": "tab:green"}
+    colors |= {"single": "tab:gray", "1f1b": "tab:olive"}
     lambda_colors = {0.5: "tab:pink", 1.0: "tab:purple", 2.0: "tab:brown"}
     for col, res in enumerate(results):
         s = res["summary"]
