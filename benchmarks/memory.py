@@ -24,8 +24,9 @@ measures its own stage and writes its own file; the numbers are:
 * **weight versions held and their bytes**: the asynchronous engine's per-step statistics (``StepStats``: live
   weights plus stashed copies plus a temporary intermediate weight), max over the run; a synchronous stage holds
   one version, its own parameters.
-* **activations in flight**: the schedule's largest number of micro-batches whose forward ran and whose backward
-  has not (``Schedule.max_forwards_in_flight``), times the bytes one micro-batch keeps on that stage, measured on
+* **activations in flight**: the largest number of micro-batches whose forward ran and whose backward has not,
+  in the op order the stage ran (``Schedule.max_forwards_in_flight``; for the nF1B policies the order generated
+  from the measured op costs, recorded by the engine), times the bytes one micro-batch keeps on that stage, measured on
   the rank in every training forward: the tensors autograd saves inside the stage's layers
   (``saved_tensors_hooks``; the weights excluded) plus the stage's input and output. The count the run actually
   reached (forwards minus gradients that came back through the stage's output) is reported beside it.
@@ -197,9 +198,12 @@ def make_probe(warmup: int) -> Any:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 cuda_peak = torch.cuda.max_memory_allocated(self.device)
+            in_flight_order = None
             if self.engine is not None:
                 versions = max(s.versions_held for s in self.stats)
                 weight_bytes = max(s.weight_bytes for s in self.stats)
+                n = self.engine.num_microbatches
+                in_flight_order = max(order_in_flight([e.op for e in t], n) for t in self.engine.trace if t)
             else:
                 versions, weight_bytes = 1, self.param_bytes
             self.result = {
@@ -216,6 +220,7 @@ def make_probe(warmup: int) -> Any:
                 "weight_bytes": weight_bytes,
                 "activation_bytes_per_microbatch": self.activation_bytes,
                 "in_flight_measured": self.peak_in_flight,
+                "in_flight_order": in_flight_order,  # of the op order this stage ran (asynchronous)
             }
 
     return MemoryProbe()
@@ -287,6 +292,13 @@ def run(w: int, configs: list[dict], args: argparse.Namespace, warmup: int) -> l
     return rows
 
 
+def order_in_flight(ops: list[Any], n: int) -> int:
+    """The most micro-batches whose forward ran and whose backward has not, in one stage's op order."""
+    from lightning_timeprest.schedules import Schedule
+
+    return Schedule("ran", 1, n, (tuple(ops),), synchronous=False).max_forwards_in_flight(0)
+
+
 def scheduled_in_flight(policy: str, w: int, n: int, minibatches: int) -> list[int]:
     """Per stage, the schedule's largest number of micro-batches whose forward ran and whose backward has not."""
     from lightning_timeprest.schedules import build_schedule
@@ -296,14 +308,12 @@ def scheduled_in_flight(policy: str, w: int, n: int, minibatches: int) -> list[i
 
 
 def configurations(quick: bool) -> dict[int, list[dict]]:
-    """The (policy, N) fits of each W; pipedream once per W (N = 1); timeprest_v only where W <= N + 1."""
+    """The (policy, N) fits of each W; pipedream once per W (N = 1)."""
     by_w: dict[int, list[dict]] = {}
     for w in (2, 3) if quick else (2, 3, 4):
         configs = []
         for n in (2, 4) if quick else (2, 4, 8):
             for policy in (p for p in POLICIES if p != "pipedream"):
-                if policy == "timeprest_v" and w > n + 1:
-                    continue  # refused: V-TiMePReSt is staleness-free only for W <= N + 1
                 configs.append({"policy": policy, "n": n})
         configs.append({"policy": "pipedream", "n": 1})
         by_w[w] = configs
@@ -511,7 +521,9 @@ def main() -> None:
         launch = time.perf_counter()
         warmup = args.warmup or w + 2
         for r in run(w, configs, args, warmup):
-            flight = scheduled_in_flight(r["policy"], w, r["n"], warmup + args.steps)[r["stage"]]
+            flight = r["in_flight_order"]
+            if flight is None:  # a synchronous schedule
+                flight = scheduled_in_flight(r["policy"], w, r["n"], warmup + args.steps)[r["stage"]]
             r["in_flight_schedule"] = flight
             r["activations_in_flight_bytes"] = flight * r["activation_bytes_per_microbatch"]
             # what the counts account for: the extra weight versions, the activations in flight, one gradient
