@@ -28,7 +28,6 @@ CASES = [
     ("timeprest_i", 2, 3, "adam", "recompute"),
     ("timeprest_i", 3, 2, "sgd", "graph"),
     ("timeprest_i", 4, 2, "adam", "graph"),
-    ("timeprest_i", 4, 3, "sgd", "recompute"),
     ("pipedream", 2, 1, "sgd", "graph"),
     ("pipedream", 3, 1, "adam", "recompute"),
     ("pipedream", 4, 1, "sgd", "graph"),
@@ -144,7 +143,7 @@ def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
     assert all(math.isfinite(e["train_loss_epoch"]) for e in got["epochs"])
 
 
-@pytest.mark.parametrize("w, n", [(3, 2), (4, 2)])
+@pytest.mark.parametrize("w, n", [(3, 2)])
 def test_significance_one_is_pipedream_stashing_and_zero_is_timeprest_v(tmp_path, w, n):
     unit = ("--order", "unit")  # the same order for every run: v = 1 in the paper's grid when W <= N + 1
     stashed = _run(tmp_path, "timeprest_i", w, n, "adam", "graph", "--significance", "one", *unit)

@@ -197,7 +197,7 @@ def test_unknown_split_point_lists_the_submodules(tmp_path):
     assert "split_points ['gait'] name no submodule of MultiInputNet" in proc.stderr and "'gate'" in proc.stderr
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["1f1b"])  # interleaved forwards and backwards; gpipe: test_training
 def test_multi_input_model_matches_single_device(tmp_path, reference, schedule):
     args = ("--model", "MultiInputNet", "--epochs", "2", "--n", "3", "--val", "--predict")
     expected = reference(*args)
