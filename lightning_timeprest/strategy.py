@@ -14,6 +14,7 @@ part of the schedule; the gradients it produced are set aside until Lightning's 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,7 +47,13 @@ from torchmetrics import Metric
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import metrics
 from lightning_timeprest.async_runtime import AsyncRuntime, StepStats
-from lightning_timeprest.comm import PipelineGroups, StageComm, destroy_pipeline_groups, new_pipeline_groups
+from lightning_timeprest.comm import (
+    PipelineCommError,
+    PipelineGroups,
+    StageComm,
+    destroy_pipeline_groups,
+    new_pipeline_groups,
+)
 from lightning_timeprest.costs import OpClock, agreed_costs, stage_costs, time_optimizer_step
 from lightning_timeprest.microbatch import batch_size, join, split
 from lightning_timeprest.partition import (
@@ -425,7 +432,8 @@ class PipelineStrategyMixin:
         self._measuring = False  # the op costs are measured: the order follows them at every drain
         self._calibrations_left = 0  # drains still to make at the start of training, to measure them
         self._sigterm_loop: Any = None
-        self._sigterm_posts: deque[tuple[list[Any], Tensor]] = deque()
+        self._sigterm_posts: deque[tuple[list[Any], Tensor, list[Tensor]]] = deque()
+        self._sigterm_noted = False  # this rank got SIGTERM (rank 0: or heard of one from another rank)
         self._sigterm_group: Any = None
         self._signals: Any = None
         self._step_s = 0.0  # synchronous: the optimizer steps not yet counted in a stage record
@@ -786,8 +794,9 @@ class PipelineStrategyMixin:
         """Lightning 2.6 agrees on SIGTERM with a blocking broadcast from rank 0 at the start of every training step:
         a barrier that would stop stage 0 from running ahead of the later stages, which the asynchronous policies
         need (measured: a third of the step on an MLP at N = 4). The same agreement is made here without blocking:
-        each step rank 0 sends its flag to every rank, and each rank reads the flag sent a few steps earlier, which
-        has arrived by then, so all ranks still stop at the same step, that many steps after rank 0's SIGTERM.
+        each step every rank sends rank 0 its own flag and rank 0 sends every rank the flag it has (its own, or one
+        it heard), and each rank reads the flags sent a few steps earlier, which have arrived by then, so all ranks
+        stop at the same step, a few steps after the first SIGTERM on any rank.
         (Point-to-point, not a collective: a collective left pending by a dead peer would hang the group's
         teardown.)"""
         loop, signals = trainer.fit_loop.epoch_loop, getattr(trainer, "_signal_connector", None)
@@ -802,33 +811,39 @@ class PipelineStrategyMixin:
                 self._signals = signals
 
     def _on_sigterm(self, signum: Any, frame: Any) -> None:
-        """SIGTERM on this rank: note it (rank 0's note reaches every rank through :meth:`_sigterm_check`) and pass
-        it on to the ranks this process launched, as Lightning does."""
-        signals = self._signals
+        """SIGTERM on this rank: note it for :meth:`_sigterm_check` and pass it on to the ranks this process
+        launched, as Lightning does. Lightning's own ``received_sigterm`` is set only when every rank stops: set
+        here, each rank would stop at its own next step end, and its neighbours would wait for it."""
         rank_zero_info(f"Received SIGTERM: {signum}; every rank stops within a few steps")
-        if signals is not None and not signals.received_sigterm and self.launcher is not None:
+        if not self._sigterm_noted and self.launcher is not None:
             self.launcher.kill(signum)
-        if signals is not None:
-            signals.received_sigterm = True
+        self._sigterm_noted = True
 
     def _sigterm_check(self) -> None:
         module = self.lightning_module
         assert module is not None
         group = self._sigterm_group
+        own = torch.tensor([int(self._sigterm_noted or bool(getattr(module.trainer, "received_sigterm", False)))])
         if self.global_rank == 0:
-            flag = torch.tensor([int(bool(getattr(module.trainer, "received_sigterm", False)))])
+            flag, heard = own, [torch.zeros(1, dtype=torch.int64) for _ in range(1, self.world_size)]
             works = [dist.isend(flag, r, group=group) for r in range(1, self.world_size)]
+            works += [dist.irecv(h, r, group=group) for r, h in enumerate(heard, start=1)]
         else:
-            flag = torch.zeros(1, dtype=torch.int64)
-            works = [dist.irecv(flag, 0, group=group)]
-        self._sigterm_posts.append((works, flag))
-        # rank 0 is never more than max_inflight steps ahead of the last stage (it waits for their backwards)
-        lag = 2 * self.num_stages + 4 + (self.max_inflight or 0)
+            flag, heard = torch.zeros(1, dtype=torch.int64), []
+            works = [dist.isend(own, 0, group=group), dist.irecv(flag, 0, group=group)]
+        self._sigterm_posts.append((works, flag, heard))
+        # how many steps rank 0 may run ahead of the others (it waits for their backwards): reading the flags that
+        # many steps late never blocks. A synchronous step ends on every rank before the next one starts.
+        lag = 2 * self.num_stages + 4 + (self.max_inflight or 0) if self.is_asynchronous else 2
         while len(self._sigterm_posts) > lag:
-            posted, value = self._sigterm_posts.popleft()
+            posted, value, others = self._sigterm_posts.popleft()
             for work in posted:
                 work.wait(timeout=self.p2p_timeout)
+            if any(h.item() for h in others):
+                self._sigterm_noted = True  # another rank got SIGTERM: rank 0 passes it on from the next step
             if value.item():
+                if self._signals is not None:
+                    self._signals.received_sigterm = True
                 with contextlib.suppress(Exception):
                     dist.barrier(group=self._world_gloo)
                 raise SIGTERMException()
@@ -842,8 +857,9 @@ class PipelineStrategyMixin:
             self._signals.__dict__.pop("_sigterm_notifier_fn", None)
             self._signals = None
         posts, self._sigterm_posts = self._sigterm_posts, deque()
+        self._sigterm_noted = False
         if not self._failed:
-            for works, _ in posts:
+            for works, _, _ in posts:
                 for work in works:
                     work.wait(timeout=self.p2p_timeout)
 
@@ -1190,6 +1206,10 @@ class PipelineStrategyMixin:
 
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
+        if isinstance(exception, PipelineCommError):
+            # said at once, before the teardown: when a rank dies, Lightning's launcher kills every rank within 5 s,
+            # which can be before the traceback of this rank's error is printed
+            print(f"[rank {self.global_rank}] {type(exception).__name__}: {exception}", file=sys.stderr, flush=True)
         super().on_exception(exception)
 
     def teardown(self) -> None:
