@@ -257,7 +257,7 @@ class AsyncRuntime:
         m = self.next_backward
         if m > self.newest or m not in self.pending:
             return False
-        if len(self.pending[m].micro) < self.num_microbatches:
+        if len(self.pending[m].micro) < len(self.pending[m].sizes):
             return False
         if self.is_last:
             return True
@@ -271,7 +271,7 @@ class AsyncRuntime:
             return False
         if j == 0 and self.max_inflight is not None and m - self.next_backward >= self.max_inflight:
             return False
-        if self.is_first:
+        if self.is_first or j >= len(self.pending[m].sizes):  # (the idle slot of a short mini-batch)
             return True
         return self.comm.post_activation_header().ready()
 
@@ -307,6 +307,9 @@ class AsyncRuntime:
         mb = self.pending[m]
         n = self.num_microbatches
         self.next_forward = (m, j + 1) if j + 1 < n else (m + 1, 0)
+        if j >= len(mb.sizes):  # a mini-batch smaller than N runs in fewer micro-batches: this slot idles
+            self.trace[-1].append(TraceEntry(Op(OpKind.FORWARD, m, j), self.store.version))
+            return
         inputs, tag = None, 0
         if not self.is_first:
             inputs, tag = self.comm.recv_tagged_activation(requires_grad=True)
@@ -375,7 +378,7 @@ class AsyncRuntime:
                 assert got == m, f"stage {self.stage}: expected the backward of mini-batch {m}, got {got}"
             # consecutive micro-batches whose forwards read the same weights share their backward weights (W~ is
             # built once) and, under the graph rule, one exchange of the weights their graphs saved
-            runs = itertools.groupby(range(self.num_microbatches), key=lambda j: (mb.micro[j].version, j_leaves(j)))
+            runs = itertools.groupby(range(len(mb.sizes)), key=lambda j: (mb.micro[j].version, j_leaves(j)))
             for (version, _), js in runs:
                 self._backward_micros(mb, version, list(js))
         self.next_backward = m + 1
@@ -430,7 +433,7 @@ class AsyncRuntime:
         for leaves in sets.values():
             self.store.harvest(leaves)
         if not self.is_first:
-            for j in range(self.num_microbatches):
+            for j in range(len(mb.sizes)):
                 self.comm.send_gradients(mb.micro[j].inputs)
 
     def _backward_micros(self, mb: _MiniBatch, version: int, js: list[int]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,11 @@ __all__ = [
     "BALANCE_MODES",
     "BlockCosts",
     "PartitionError",
+    "Pipelined",
     "Replicated",
     "StagePlan",
     "balance_by_cost",
+    "dominant_sequential",
     "find_pipelined_module",
     "format_table",
     "layer_parameter_counts",
@@ -57,16 +59,40 @@ def _overrides_forward(module: nn.Module) -> bool:
     return owner.__name__ not in ("LightningModule", "Module")
 
 
+def dominant_sequential(root: nn.Module, split_points: Sequence[str] | None = None) -> bool:
+    """Whether :func:`find_pipelined_module` takes the largest ``nn.Sequential`` without looking at the step."""
+    sizes = [_numel(m) for n, m in root.named_modules() if n and isinstance(m, nn.Sequential)]
+    return not split_points and bool(sizes) and 2 * max(sizes) >= _numel(root)
+
+
+class Pipelined(NamedTuple):
+    """The module chosen to be cut into stages, and why it was chosen (shown at start)."""
+
+    name: str  # qualified name in the LightningModule; "" for its own forward
+    module: nn.Module
+    traced: bool  # split by tracing, otherwise an nn.Sequential cut between its children
+    reason: str
+
+
 def find_pipelined_module(
-    root: nn.Module, module_name: str | None = None, split_points: Sequence[str] | None = None
-) -> tuple[str, nn.Module, bool]:
-    """Return ``(qualified_name, module, traced)``: the submodule to pipeline ("" for the LightningModule's own
-    forward), and whether it is split by tracing (otherwise it is an ``nn.Sequential`` cut between children).
+    root: nn.Module,
+    module_name: str | None = None,
+    split_points: Sequence[str] | None = None,
+    called: Sequence[str] | None = None,
+) -> Pipelined:
+    """The submodule to pipeline ("" for the LightningModule's own forward) and whether it is split by tracing.
 
     With ``module_name``, that submodule (dotted path; "" for the forward itself). Without it: the largest
-    ``nn.Sequential`` when it holds at least half of the parameters (no tracing needed), else the
-    LightningModule's own forward, traced. ``split_points`` always means tracing.
+    ``nn.Sequential`` when it holds at least half of the parameters (no tracing needed); else, of the modules the
+    step calls itself (``called``, names in call order, as :func:`~lightning_timeprest.sample.step_calls` sees
+    them), the one that holds the most parameters; else the LightningModule's own forward, traced; else the
+    largest ``nn.Sequential``. ``split_points`` always means tracing.
     """
+    total = max(_numel(root), 1)
+
+    def share(module: nn.Module) -> str:
+        return f"{_numel(module) / total:.0%} of the parameters"
+
     sequentials = [(n, m) for n, m in root.named_modules() if n and isinstance(m, nn.Sequential)]
     if module_name is not None:
         try:
@@ -77,17 +103,25 @@ def find_pipelined_module(
                 f"module_name={module_name!r} names no submodule of {type(root).__name__}; its children are "
                 f"{names or 'none'} (use '' for its own forward)"
             ) from None
-        return module_name, module, bool(split_points) or not isinstance(module, nn.Sequential)
+        traced = bool(split_points) or not isinstance(module, nn.Sequential)
+        return Pipelined(module_name, module, traced, "named by module_name")
     best = max(sequentials, key=lambda item: _numel(item[1]), default=None)
-    if not split_points and best is not None and 2 * _numel(best[1]) >= _numel(root):
-        return best[0], best[1], False
+    if best is not None and dominant_sequential(root, split_points):
+        return Pipelined(best[0], best[1], False, f"the largest nn.Sequential, {share(best[1])}")
+    if called:
+        name = max(called, key=lambda n: _numel(root.get_submodule(n)))  # the first of equals
+        module = root.get_submodule(name)
+        traced = bool(split_points) or not isinstance(module, nn.Sequential) or module is root
+        why = "your step calls self(...)" if module is root else "of the modules your step calls, the largest"
+        return Pipelined(name, module, traced, f"{why}, {share(module)}")
     if _overrides_forward(root):
-        return "", root, True
+        return Pipelined("", root, True, "the LightningModule's forward")
     if best is not None and not split_points:
-        return best[0], best[1], False
+        return Pipelined(best[0], best[1], False, f"the largest nn.Sequential, {share(best[1])}")
     raise PartitionError(
-        f"{type(root).__name__} defines no forward to pipeline and holds no nn.Sequential: define forward (and call "
-        "self(x) in your steps), or name the submodule your steps call with TiMePReStStrategy(module_name=...)"
+        f"{type(root).__name__} defines no forward to pipeline and holds no nn.Sequential, and its step was not seen "
+        "calling a module: define forward (and call self(x) in your steps), or name the submodule your steps call "
+        "with TiMePReStStrategy(module_name=...)"
     )
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from lightning_timeprest.runtime import StageBoundary
 
-__all__ = ["Call", "first_batch", "first_loader", "sample_call", "sandbox"]
+__all__ = ["Call", "first_batch", "first_loader", "sample_call", "sandbox", "step_calls"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -91,37 +91,53 @@ def sandbox(module: nn.Module) -> Iterator[None]:
                 np.random.set_state(np_state)
 
 
+def _step_batch(module: Any, to_device: Callable[[Any], Any]) -> tuple[Any, str, str]:
+    """A first batch of the Trainer's current stage on the device, the step hook to run it through, and why not."""
+    trainer = module.trainer
+    fn = getattr(trainer.state.fn, "value", "fit")
+    loop_name, hook = SOURCES.get(fn, SOURCES["fit"])
+    source = getattr(getattr(trainer, loop_name, None), "_data_source", None)
+    if source is None or not source.is_defined():
+        return None, hook, f"no {fn} dataloader"
+    try:
+        batch = first_batch(first_loader(source.dataloader()))
+    except Exception as err:
+        return None, hook, f"taking a batch from the {fn} dataloader failed: {err!r}"
+    if batch is None:
+        return None, hook, f"the {fn} dataloader is empty"
+    return to_device(batch), hook, ""
+
+
+@contextmanager
+def _logging_off(module: Any) -> Iterator[None]:
+    saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
+    module.log = module.log_dict = _ignore
+    try:
+        yield
+    finally:
+        for k in ("log", "log_dict"):
+            module.__dict__.pop(k, None)
+        module.__dict__.update(saved)
+
+
 def sample_call(module: Any, target: nn.Module, to_device: Callable[[Any], Any]) -> tuple[Call | None, str]:
     """The arguments of ``target``'s call in the user's step on a first batch, or ``None`` and why not.
 
     Runs the step of the Trainer's current stage (``training_step`` when fitting) with logging disabled and no
     gradients, until it calls ``target``; run it inside :func:`sandbox`.
     """
-    trainer = module.trainer
-    fn = getattr(trainer.state.fn, "value", "fit")
-    loop_name, hook = SOURCES.get(fn, SOURCES["fit"])
-    source = getattr(getattr(trainer, loop_name, None), "_data_source", None)
-    if source is None or not source.is_defined():
-        return None, f"no {fn} dataloader"
-    try:
-        batch = first_batch(first_loader(source.dataloader()))
-    except Exception as err:
-        return None, f"taking a batch from the {fn} dataloader failed: {err!r}"
+    batch, hook, problem = _step_batch(module, to_device)
     if batch is None:
-        return None, f"the {fn} dataloader is empty"
-    batch = to_device(batch)
+        return None, problem
     captured: list[Call] = []
 
     def capture(*args: Any, **kwargs: Any) -> Any:
         captured.append((args, kwargs))
         raise StageBoundary
 
-    saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
-    module.log = module.log_dict = _ignore
     target.forward = capture
-    problem = ""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _logging_off(module):
             getattr(module, hook)(batch, 0)
     except StageBoundary:
         pass
@@ -129,12 +145,48 @@ def sample_call(module: Any, target: nn.Module, to_device: Callable[[Any], Any])
         problem = f"{hook} failed on the sample batch before calling the module: {err!r}"
     finally:
         target.__dict__.pop("forward", None)
-        for k in ("log", "log_dict"):
-            module.__dict__.pop(k, None)
-        module.__dict__.update(saved)
     if captured:
         return captured[0], ""
     return None, problem or (
         f"{hook} did not call it (a step must call the pipelined module, e.g. self(x) whose forward calls it; or "
         "name the module your step calls with module_name=...)"
     )
+
+
+def step_calls(module: Any, to_device: Callable[[Any], Any]) -> tuple[list[tuple[str, Call]], str]:
+    """The modules the user's step calls itself (not from inside another module's forward), each with the
+    arguments of its first call, in call order; ``("", ...)`` is the LightningModule's own forward.
+
+    Runs the whole step of the Trainer's current stage on a first batch, without gradients or logging; run it
+    inside :func:`sandbox`. The second value says why nothing was seen.
+    """
+    batch, hook, problem = _step_batch(module, to_device)
+    if batch is None:
+        return [], problem
+    names = {id(m): n for n, m in module.named_modules()}
+    calls: dict[str, Call] = {}
+    depth = [0]
+
+    def pre(sub: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if depth[0] == 0 and names.get(id(sub)) is not None:
+            calls.setdefault(names[id(sub)], (args, dict(kwargs)))
+        depth[0] += 1
+
+    def post(_sub: nn.Module, _args: Any, _out: Any) -> None:
+        depth[0] -= 1
+
+    handles = []
+    for sub in {id(m): m for m in module.modules()}.values():
+        handles.append(sub.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(sub.register_forward_hook(post, always_call=True))
+    try:
+        with torch.no_grad(), _logging_off(module):
+            getattr(module, hook)(batch, 0)
+    except Exception as err:  # what was called before the failure still tells which module the step uses
+        problem = f"{hook} failed on the sample batch: {err!r}"
+    finally:
+        for h in handles:
+            h.remove()
+    if calls:
+        return list(calls.items()), ""
+    return [], problem or f"{hook} calls no module on a sample batch"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -36,6 +37,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
@@ -62,6 +64,7 @@ from lightning_timeprest.partition import (
     PartitionError,
     Replicated,
     StagePlan,
+    dominant_sequential,
     find_pipelined_module,
     format_table,
     layer_parameter_counts,
@@ -72,7 +75,7 @@ from lightning_timeprest.partition import (
     tensor_holders,
 )
 from lightning_timeprest.runtime import PipelineRuntime, StageModule, StageRunner
-from lightning_timeprest.sample import sample_call, sandbox
+from lightning_timeprest.sample import sample_call, sandbox, step_calls
 from lightning_timeprest.schedules import (
     ASYNCHRONOUS_SCHEDULES,
     SCHEDULES,
@@ -103,6 +106,7 @@ CPU = torch.device("cpu")
 #: (the second measures the ops in the order the first chose, which changes what they cost a little).
 CALIBRATION_STEPS = 10
 _CALIBRATION_DRAINS = 2
+_SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
 #: the checkpoint entry holding the op costs the nF1B order was generated from
 ORDER_KEY = "timeprest_order"
 
@@ -287,7 +291,10 @@ class PipelineStrategyMixin:
             synchronous schedules, ``max(2, stages - 1)`` for nF1B so that ``W <= N + 1``, 1 for pipedream).
         balance: blocks per stage (a list summing to the number of blocks), or how to balance them:
             ``"parameters"``, ``"time"`` (each block timed forward and backward on the device with a sample
-            micro-batch) or ``"memory"`` (weights, gradients and saved activations of each block).
+            micro-batch) or ``"memory"`` (weights, gradients and saved activations of each block). By default
+            ``"time"`` for a traced module (its blocks differ in cost per parameter: convolutions, attention; the
+            profile runs anyway, a few forward and backward passes per block at setup) and ``"parameters"`` for an
+            ``nn.Sequential``.
         module_name: the submodule to pipeline (dotted path; ``""`` for the LightningModule's own forward). By
             default the largest ``nn.Sequential`` if it holds at least half of the parameters, else the
             LightningModule's forward. An ``nn.Sequential`` is cut between its children; any other module's
@@ -329,7 +336,7 @@ class PipelineStrategyMixin:
         self,
         schedule: str = "gpipe",
         num_microbatches: int | None = None,
-        balance: list[int] | str = "parameters",
+        balance: list[int] | str | None = None,
         module_name: str | None = None,
         split_points: list[str] | None = None,
         stages: int | None = None,
@@ -375,7 +382,7 @@ class PipelineStrategyMixin:
             raise PipelineConfigError(
                 f"unknown balance {balance!r}; give one of {', '.join(BALANCE_MODES)} or a list of block counts"
             )
-        if not isinstance(balance, str) and (not balance or any(int(b) < 1 for b in balance)):
+        if balance is not None and not isinstance(balance, str) and (not balance or any(int(b) < 1 for b in balance)):
             raise PipelineConfigError(f"balance must list a positive block count per stage, got {balance!r}")
         if split_points is not None and (
             isinstance(split_points, str) or not all(isinstance(n, str) and n for n in split_points)
@@ -385,7 +392,7 @@ class PipelineStrategyMixin:
             )
         if stages is not None and (isinstance(stages, bool) or int(stages) < 1):
             raise PipelineConfigError(f"stages must be a positive integer, got {stages!r}")
-        if split_points and not isinstance(balance, str):
+        if split_points and balance is not None and not isinstance(balance, str):
             raise PipelineConfigError("give either split_points or a balance list, not both: each fixes the stages")
         if p2p_timeout <= 0:
             raise PipelineConfigError(f"p2p_timeout must be positive, got {p2p_timeout}")
@@ -606,6 +613,9 @@ class PipelineStrategyMixin:
         # order is that of single-device training) and the batch that trains is stage 0's (see _stage0_batch).
         if self.num_replicas == 1:
             trainer._accelerator_connector.use_distributed_sampler = False
+            # every rank logs the last stage's values (replayed), so Lightning's advice to sync them across ranks
+            # for epoch-level logging does not apply to one pipeline (with replicas it does, and stays)
+            warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
         self._partition(module)
         self.precision_plugin.convert_module(module)
         self.model_to_device()
@@ -709,9 +719,12 @@ class PipelineStrategyMixin:
         tied = self._tied
         if tied:
             raise PipelineConfigError(
-                f"parameters {tied[:3]} are tied across pipeline stages; the asynchronous policies update each stage "
-                "at its own time and cannot keep such copies equal. Choose a balance that puts the tied layers on one "
-                "stage, or use schedule='gpipe' or '1f1b'"
+                f"parameters {tied[:3]} are read by blocks on several stages (tied weights); the asynchronous policies "
+                "update each stage at its own time and cannot keep such copies equal. Ways out: a balance or "
+                "split_points that puts every block reading them on one stage (for an encoder-decoder's shared "
+                "embedding, the decoder's embedding on the encoder's stage); untying them (a Hugging Face model: "
+                "tie_word_embeddings=False in its config gives the output layer its own weight); or schedule='gpipe' "
+                "or '1f1b', which keep the copies equal"
             )
 
     def _measure_costs(self) -> None:
@@ -908,13 +921,19 @@ class PipelineStrategyMixin:
 
     def _partition(self, module: nn.Module) -> None:
         """Cut the pipelined module into stages, keep this stage's part and release the rest (meta device)."""
-        name, target, traced = find_pipelined_module(module, self.module_name, self.split_points)
-        what = f"{type(target).__name__} ({name!r})" if name else f"the forward of {type(target).__name__}"
-        prefix = f"{name}." if name else ""
         w = self.num_stages
         meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
         with sandbox(module):
-            sample = self._agreed(self._sample_call(module, target))
+            calls: dict[str, Any] = {}
+            if self.module_name is None and not dominant_sequential(module, self.split_points) and not meta:
+                seen, self._sample_problem = step_calls(module, lambda batch: self.batch_to_device(batch, CPU))
+                calls = dict(self._agreed(seen or None) or [])
+            name, target, traced, reason = find_pipelined_module(
+                module, self.module_name, self.split_points, list(calls) or None
+            )
+            what = f"{type(target).__name__} ({name!r})" if name else f"the forward of {type(target).__name__}"
+            prefix = f"{name}." if name else ""
+            sample = self._agreed(calls[name] if name in calls else self._sample_call(module, target))
             tm: TracedModel | None = None
             if traced:
                 if sample is None:
@@ -956,6 +975,8 @@ class PipelineStrategyMixin:
                 )
                 self._agree_on_costs(costs)
         balance = [1] * w if self.split_points else self.balance
+        if balance is None:
+            balance = "time" if tm is not None and costs.seconds else "parameters"
         plan = plan_stages(name, names, w, balance, costs)
         self._block_costs = costs
         if tm is not None and len(plan.layer_names) != tm.num_blocks:
@@ -988,10 +1009,10 @@ class PipelineStrategyMixin:
         # tied across stages: replicated, and read inside the pipelined module (by a stage's blocks)
         read_inside = tensor_holders(module, lambda n: readers.get(n, set()) if n.startswith(prefix) else set())
         self._tied = [r.name for r in self._replicated if read_inside[by_name[r.name]]]
-        self._replicated_buffers = [
-            (n, min(self._holders[n]), b.shape, b.dtype)
+        self._replicated_buffers = [  # (non-persistent buffers, such as a rotary inv_freq, are in no state_dict)
+            (n, min(holders.get(id(b), everyone)), b.shape, b.dtype)
             for n, b in module.named_buffers()
-            if len(self._holders.get(n, everyone)) > 1
+            if len(holders.get(id(b), everyone)) > 1
         ]
         keep = {i for i, stages in holders.items() if self.stage in stages}
         if not any(self.stage in readers.get(n, ()) for n, _ in module.named_parameters(remove_duplicate=False)):
@@ -1036,7 +1057,7 @@ class PipelineStrategyMixin:
         self.partition_table = self._table(plan, display, costs)
         rank_zero_info(
             f"{type(self).__name__}: schedule={self.schedule_name}, stages={w}, micro-batches={self.num_microbatches}, "
-            f"pipelined {what} ({'traced, ' if tm is not None else ''}{len(names)} blocks), "
+            f"pipelined {what} ({reason}; {'traced, ' if tm is not None else ''}{len(names)} blocks), "
             f"{len(self._replicated)} replicated parameters\n" + format_table(self.partition_table)
         )
 
@@ -1361,7 +1382,8 @@ class PipelineStrategyMixin:
         self._queued = []
         trainer = module.trainer
         batch, rest = self._stage0_batch(args[0]), args[1:]
-        microbatches, sizes = split(batch, self.num_microbatches)
+        # a mini-batch smaller than N (a short last batch) runs in fewer micro-batches, the others' slots idle
+        microbatches, sizes = split(batch, min(self.num_microbatches, batch_size(batch)))
         total = sum(sizes)
         weights = [size / total for size in sizes]
         capture = metrics.LogCapture(module)
@@ -1500,6 +1522,9 @@ class PipelineStrategyMixin:
                 on_epoch=True,
                 reduce_fx=reduce_fx,
                 batch_size=size,
+                # rank 0 alone knows every stage's record; sync_dist=True with rank_zero_only=True syncs nothing and
+                # tells Lightning the value needs no reduction across ranks (it would advise sync_dist otherwise)
+                sync_dist=True,
                 rank_zero_only=True,
             )
 
@@ -1590,8 +1615,9 @@ class PipelineStrategyMixin:
         module, runtime = self.lightning_module, self._runtime
         assert module is not None and runtime is not None
         batch, rest = self._stage0_batch(args[0]), args[1:]
-        # an evaluation batch smaller than N runs in fewer micro-batches: it has no gradient to match
-        n = self.num_microbatches if train else min(self.num_microbatches, batch_size(batch))
+        # a batch smaller than N runs in fewer micro-batches: the size-weighted mean of their losses is still the
+        # batch's mean, so the gradient equals one device's
+        n = min(self.num_microbatches, batch_size(batch))
         microbatches, sizes = split(batch, n)
         total = sum(sizes)
         scaler = getattr(self.precision_plugin, "scaler", None)

@@ -25,6 +25,7 @@ import inspect
 import io
 import logging
 import operator
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr
@@ -211,6 +212,8 @@ def trace(
     """Trace ``module`` on a sample call and split it at the beginning of each submodule in ``boundaries``."""
     from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe
 
+    injected = _training_defaults(module, kwargs, what)
+    kwargs = {**kwargs, **injected}
     batch = _batch_size(args, kwargs)
     if batch is None or batch < 2:
         raise PartitionError(
@@ -224,7 +227,13 @@ def trace(
     with _split_markers(module, boundaries), warnings.catch_warnings(), _quiet_torch():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
+            try:
+                program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
+            except Exception as err:
+                if "GuardOnDataDependentSymNode" not in f"{type(err).__name__}{err}":
+                    raise
+                with _causal_masks_resolved(module, args, kwargs):  # nn.Transformer's mask check, then retry
+                    program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
         except Exception as err:
             raise _explain(err, what) from err
         try:
@@ -242,6 +251,8 @@ def trace(
             f"splitting {what} at {list(boundaries)} gave {len(blocks)} blocks instead of {len(boundaries) + 1}: a "
             "split point whose module is not called in the forward, or two split points with nothing between them"
         )
+    for block in blocks:
+        _drop_metadata_asserts(block)
     in_spec = program.call_spec.in_spec
     out_spec = program.call_spec.out_spec
     # what must stay as traced: the non-batch shape of each tensor input, the value of each plain input
@@ -251,7 +262,127 @@ def trace(
         else _Constant(leaf)
         for leaf in pytree.tree_leaves((args, kwargs))
     ]
-    return TracedModel(module, split_gm.graph, blocks, in_spec, out_spec, sample_shapes, what)
+    traced = TracedModel(module, split_gm.graph, blocks, in_spec, out_spec, sample_shapes, what)
+    traced.injected, traced.keywords = injected, dict.fromkeys(kwargs)
+    return traced
+
+
+@contextmanager
+def _causal_masks_resolved(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+    """Decide ``torch.nn.Transformer``'s "is this mask causal?" check at trace time.
+
+    The check (``bool((mask == causal).all())``) reads tensor values, which a trace cannot branch on. One run on the
+    sample records each call's answer; during the trace each call returns the recorded answer and adds a runtime
+    assertion to the graph that the mask still gives that answer, so a different mask later fails loudly instead of
+    running the wrong attention.
+    """
+    from torch.nn.modules import transformer
+
+    original = transformer._detect_is_causal_mask
+    answers: list[bool] = []
+
+    def record(mask: Tensor | None, is_causal: bool | None = None, size: int | None = None) -> bool:
+        answers.append(original(mask, is_causal, size))
+        return answers[-1]
+
+    transformer._detect_is_causal_mask = record
+    try:
+        with torch.no_grad():
+            module(*args, **kwargs)
+    finally:
+        transformer._detect_is_causal_mask = original
+    replay = iter(answers)
+
+    def resolved(mask: Tensor | None, is_causal: bool | None = None, size: int | None = None) -> bool:
+        answer = next(replay, None)
+        if is_causal is not None or mask is None or answer is None:
+            return original(mask, is_causal, size)
+        causal = transformer._generate_square_subsequent_mask(
+            size if size is not None else mask.size(-2), device=mask.device, dtype=mask.dtype
+        )
+        if mask.size() == causal.size():
+            torch._assert_async(
+                (mask == causal).all() == answer,
+                f"an attention mask was traced as {'' if answer else 'not '}causal and is now the opposite; pass "
+                "is_causal= (tgt_is_causal=) explicitly, or the same kind of mask in every step",
+            )
+        return answer
+
+    transformer._detect_is_causal_mask = resolved
+    try:
+        yield
+    finally:
+        transformer._detect_is_causal_mask = original
+
+
+def _drop_metadata_asserts(block: nn.Module) -> None:
+    """Remove the dtype/device assertions export records for ``.to()`` calls: the precision plugin may convert the
+    whole module after the trace (``64-true``, ``bf16-true``), which is legitimate and would trip them."""
+    for sub in block.modules():
+        graph = getattr(sub, "graph", None)
+        if not isinstance(graph, fx.Graph):
+            continue
+        found = [n for n in graph.nodes if n.op == "call_function" and n.target is _ASSERT_METADATA]
+        for node in found:
+            graph.erase_node(node)
+        if found and isinstance(sub, fx.GraphModule):
+            sub.recompile()
+        elif found and getattr(sub, "graph_module", None) is not None:  # export's InterpreterModule
+            sub.finalize()
+
+
+_ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
+
+
+def _training_defaults(module: nn.Module, kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    """Keyword arguments the trace adds to every call: ``use_cache=False`` for a forward that takes ``use_cache``
+    (Hugging Face models), which would otherwise return a key/value cache object no pipeline stage can send and
+    training never reads."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "use_cache" not in parameters:
+        return {}
+    if kwargs.get("use_cache"):
+        raise PartitionError(
+            f"{what} is called with use_cache=True: a pipeline stage cannot pass on a key/value cache, and training "
+            "does not read it; leave use_cache out (the pipeline passes use_cache=False) or pass use_cache=False"
+        )
+    return {} if "use_cache" in kwargs else {"use_cache": False}
+
+
+_aten = torch.ops.aten
+_TRAIN_ARGUMENT = {  # dropout ops that take (input, p, train): the trace records train=True
+    _aten.dropout.default,
+    _aten.native_dropout.default,
+    _aten.feature_dropout.default,
+    _aten.alpha_dropout.default,
+    _aten.feature_alpha_dropout.default,
+}
+_SDPA = _aten.scaled_dot_product_attention.default
+
+
+class _ModeFollowing:
+    """A recorded dropout op that drops only while ``owner`` is in training mode."""
+
+    def __init__(self, op: Any, owner: nn.Module) -> None:
+        self.op, self.owner = op, owner
+        self.__name__ = f"{op.__name__.split('.')[0]}_following_mode"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.owner.training:
+            return self.op(*args, **kwargs)
+        if self.op is _SDPA:  # (query, key, value, attn_mask, dropout_p, ...)
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            elif "dropout_p" in kwargs:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        elif len(args) > 2:
+            args = (*args[:2], False, *args[3:])
+        else:
+            kwargs = {**kwargs, "train": False}
+        return self.op(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -278,6 +409,8 @@ class TracedModel:
         self.out_spec = out_spec
         self.sample_shapes = sample_shapes
         self.what = what
+        self.injected: dict[str, Any] = {}
+        self.keywords: dict[str, None] = {}
         self.nodes = [n for n in graph.nodes if n.op != "output"]
         self.placeholders = [n.name for n in self.nodes if n.op == "placeholder"]
         self.output = next(n for n in graph.nodes if n.op == "output")
@@ -334,6 +467,7 @@ class TracedStage(StageRunner):
         self._outputs = [] if self.is_end else model.live(stop)
         self._nodes = [n for n in model.nodes if first <= model.block_of[n.name] < stop]
         self._use_original_leaves()
+        self._follow_training_mode()
 
     def original_name(self, path: str) -> str:
         """The name in the traced module of a parameter or buffer path of this stage (``b3.layer1.0.conv1.weight``
@@ -346,8 +480,8 @@ class TracedStage(StageRunner):
             for path, sub in list(block.named_modules()):
                 if not path:
                     continue
-                try:
-                    original = root.get_submodule(path)
+                try:  # (export names the second call of a module "name@1")
+                    original = root.get_submodule(re.sub(r"@\d+", "", path))
                 except AttributeError:
                     continue
                 if original is sub or next(original.children(), None) is not None:
@@ -357,6 +491,29 @@ class TracedStage(StageRunner):
                 parent_path, _, attr = path.rpartition(".")
                 parent = block.get_submodule(parent_path) if parent_path else block
                 parent._modules[attr] = original
+
+    def _follow_training_mode(self) -> None:
+        """Make the dropout the trace recorded (functional dropout, attention dropout inside
+        ``scaled_dot_product_attention``) follow ``train()``/``eval()`` of the module whose code called it."""
+        root = self._model.module
+        for block in self.blocks.values():
+            for path, sub in block.named_modules():
+                graph = getattr(sub, "graph", None)
+                if not isinstance(graph, fx.Graph):
+                    continue
+                try:
+                    owner = root.get_submodule(re.sub(r"@\d+", "", path)) if path else root
+                except AttributeError:
+                    owner = root
+                changed = False
+                for node in graph.nodes:
+                    if node.op == "call_function" and (node.target in _TRAIN_ARGUMENT or node.target is _SDPA):
+                        node.target = _ModeFollowing(node.target, owner)
+                        changed = True
+                if changed and isinstance(sub, fx.GraphModule):
+                    sub.recompile()
+                elif changed and getattr(sub, "graph_module", None) is not None:
+                    sub.finalize()
 
     def mode_dependent_ops(self) -> list[str]:
         """Calls recorded with the training mode of the trace (functional dropout or batch-norm in user code)."""
@@ -405,6 +562,9 @@ class TracedStage(StageRunner):
 
     def entry(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """The first stage's input: the user's call, flattened as the trace saw it."""
+        kwargs = {**kwargs, **{k: v for k, v in self._model.injected.items() if k not in kwargs}}
+        if kwargs.keys() == self._model.keywords.keys():  # the same keywords, perhaps in another order
+            kwargs = {k: kwargs[k] for k in self._model.keywords}
         leaves, spec = pytree.tree_flatten((args, kwargs))
         if spec != self._model.in_spec:
             raise RuntimeError(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 from torch.func import functional_call
 
+from lightning_timeprest.microbatch import batch_size as samples_in
 from lightning_timeprest.microbatch import split
 from lightning_timeprest.partition import plan_sequential
 from lightning_timeprest.schedules import NF1BOrder, Op, OpKind, Schedule, nf1b, pipedream_1f1b, simulate
@@ -118,7 +119,8 @@ def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, c
     """One stream: every stage starts at version 0 (the pipeline was drained), runs the schedule op by op in the
     global slot order of its unit-slot simulation (any order that respects every dependency gives the same result)."""
     n = schedule.num_microbatches
-    splits = [split(batch, n) for batch in data]
+    # a mini-batch smaller than N runs in fewer micro-batches; its other forward slots idle
+    splits = [split(batch, min(n, samples_in(batch))) for batch in data]
     version = [0] * w
     history: list[dict[int, dict[str, torch.Tensor]]] = [
         {0: {k: v.detach().clone() for k, v in live[s].items()}} for s in range(w)
@@ -143,6 +145,8 @@ def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, c
 
 def _forward(s, op: Op, w, version, history, entry, fwd, splits, run_stage, rule, policy) -> None:
     m, j = op.minibatch, op.microbatch
+    if j >= len(splits[m][1]):
+        return
     if s == 0:
         entry[(m, j)] = version[0]
         x = splits[m][0][j][0]
@@ -186,6 +190,7 @@ def _backward(
                 grads[k] = grads[k] + t.grad if k in grads else t.grad
 
     sizes = splits[m][1]
+    n = len(sizes)
     if s == w - 1:
         total = None
         for j in range(n):

@@ -234,3 +234,17 @@ def test_clipping_by_value_matches_the_reference(tmp_path, policy, w, n):
     assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
     unclipped = reference(policy, w, n, optimizer="sgd", rule="graph", epochs=2)
     assert any(not torch.allclose(ref[k], unclipped[k], atol=1e-5) for k in ref)  # the clipping was active
+
+
+def test_a_batch_smaller_than_n_runs_in_fewer_micro_batches(tmp_path):
+    """100 samples in batches of 33: the last mini-batch has 1 sample, fewer than N = 3; it runs as one micro-batch
+    (the other slots of its forwards idle) and the model equals the reference, which splits it alike."""
+    w, n = 2, 3
+    got = train(
+        tmp_path, f"timeprest_i-{w}", "--epochs", "1", "--batch-size", "33", "--devices", str(w),
+        "--schedule", "timeprest_i", "--n", str(n), "--optimizer", "adam",
+    )  # fmt: skip
+    schedules, _, _ = _streams_run(tmp_path, f"timeprest_i-{w}", w, n)
+    ref = reference("timeprest_i", w, n, optimizer="adam", epochs=1, batch_size=33, schedules=schedules)
+    assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
+    assert got["global_step"] == 4

@@ -48,29 +48,42 @@ class Wide(WithForward):
 
 
 def test_find_pipelined_module_picks_the_largest_sequential():
-    name, seq, traced = find_pipelined_module(Model())
-    assert (name, len(seq), traced) == ("big", 3, False)
+    name, seq, traced, reason = find_pipelined_module(Model())
+    assert (name, len(seq), traced) == ("big", 3, False) and "largest nn.Sequential" in reason
     assert find_pipelined_module(Model(), "small")[:1] == ("small",)
     assert find_pipelined_module(WithForward())[0] == "big"
 
 
 def test_find_pipelined_module_traces_what_is_not_a_sequential():
     root = Wide()
-    assert find_pipelined_module(root) == ("", root, True)
+    assert find_pipelined_module(root)[:3] == ("", root, True)
     assert find_pipelined_module(Model(), "head")[2] is True  # a named module that is not an nn.Sequential
     assert find_pipelined_module(Model(), "big", split_points=["big.2"])[2] is True
     assert find_pipelined_module(WithForward(), split_points=["big"])[:1] == ("",)
 
 
+def test_find_pipelined_module_takes_the_largest_module_the_step_calls():
+    """A LightningModule without forward (a Hugging Face model held as self.model, called in the step): of the
+    modules the step calls itself, the one with the most parameters; the step calling self(...) means the forward."""
+    root = nn.ModuleDict({"loss": nn.Linear(2, 2), "model": nn.ModuleDict({"a": nn.Linear(8, 8)})})
+    found = find_pipelined_module(root, called=["loss", "model"])
+    assert found[:3] == ("model", root["model"], True)
+    assert found.reason == "of the modules your step calls, the largest, 92% of the parameters"
+    assert find_pipelined_module(Wide(), called=["", "head"])[:3] == ("", find_pipelined_module(Wide())[1], True)
+    seq_root = nn.ModuleDict({"small": nn.Sequential(nn.Linear(2, 2)), "big": nn.Linear(8, 8)})
+    assert find_pipelined_module(seq_root, called=["small"])[:3] == ("small", seq_root["small"], False)
+    assert find_pipelined_module(seq_root, "big", called=["small"]).reason == "named by module_name"
+
+
 def test_find_pipelined_module_errors():
-    with pytest.raises(PartitionError, match="defines no forward to pipeline and holds no nn.Sequential"):
+    with pytest.raises(PartitionError, match="defines no forward to pipeline and holds no nn.Sequential, and its step"):
         find_pipelined_module(nn.ModuleDict({"a": nn.Linear(2, 2)}))
     with pytest.raises(PartitionError, match="names no submodule.*'small', 'big'"):
         find_pipelined_module(Model(), "nope")
 
 
 def test_plan_stages():
-    _, seq, _ = find_pipelined_module(Model())
+    seq = find_pipelined_module(Model()).module
     plan = plan_sequential("big", seq, 2, "parameters")
     assert plan.balance == (1, 2) and plan.layers_of(1) == ("1", "2")
     assert plan_sequential("big", seq, 2, [2, 1]).layers_of(0) == ("0", "1")

@@ -131,20 +131,65 @@ def test_a_shape_fixed_to_one_batch_size_is_refused():
         trace(Fixed(), (torch.randn(4, 4),), {}, ["b"], "Fixed")
 
 
-def test_functional_dropout_is_reported():
+def test_recorded_dropout_follows_train_and_eval():
     class Functional(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.attn = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)  # dropout inside SDPA
 
         def forward(self, x):
-            return self.b(F.dropout(self.a(x), 0.5, self.training))
+            h = F.dropout(self.a(x), 0.5, self.training).unsqueeze(1).repeat(1, 3, 1)
+            return self.b(self.attn(h, h, h, need_weights=False)[0].mean(1))
 
-    traced = trace(Functional(), (torch.randn(4, 4),), {}, ["b"], "Functional")
-    assert any("dropout" in op for op in traced.stage(0, 2).mode_dependent_ops())
+    torch.manual_seed(0)
+    model = Functional()
+    traced = trace(model, (torch.randn(4, 4),), {}, ["b"], "Functional")
+    stage = traced.stage(0, 2)
+    stage.rebind()
+    x = torch.randn(3, 4)
+    model.eval()  # the trace was taken in training mode; in eval mode nothing is dropped, as on one device
+    torch.testing.assert_close(stage.run_layers(stage.entry((x,), {})), model(x), rtol=0, atol=0)
+    assert stage.mode_dependent_ops() == []
+    model.train()
+    assert not torch.equal(stage.run_layers(stage.entry((x,), {})), stage.run_layers(stage.entry((x,), {})))
+
+    class Norm(nn.Module):  # functional batch-norm cannot be switched: it is reported
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.register_buffer("mean", torch.zeros(4))
+            self.register_buffer("var", torch.ones(4))
+
+        def forward(self, x):
+            return self.b(F.batch_norm(self.a(x), self.mean, self.var, training=self.training))
+
+    norm = trace(Norm(), (torch.randn(4, 4),), {}, ["b"], "Norm")
+    assert any("batch_norm" in op for op in norm.stage(0, 2).mode_dependent_ops())
     # nn.Dropout and batch-norm modules run as themselves and follow train()/eval(): nothing to report
     _, resnet = _traced(ResNet50(width=1 / 16), torch.randn(4, 3, 32, 32), 4)
     assert resnet.stage(0, resnet.num_blocks).mode_dependent_ops() == []
+
+
+def test_nn_transformer_with_a_causal_mask_is_traced():
+    """Lightning's demo transformer: nn.Transformer's check of the causal mask is decided at trace time, and a
+    runtime assertion keeps it honest."""
+    from lightning.pytorch.demos import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=20, ninp=16, nhead=2, nhid=16, nlayers=2, dropout=0.0)
+    x, y = torch.randint(0, 20, (4, 6)), torch.randint(0, 20, (4, 6))
+    for extra in [(), (nn.Transformer.generate_square_subsequent_mask(6),)]:  # made in forward, or passed in
+        boundaries = candidate_boundaries(model, call_tree(model, (x, y, *extra), {}), 6)
+        traced = trace(model, (x, y, *extra), {}, boundaries[1:], "Transformer")
+        assert traced.num_blocks == len(boundaries)
+        stage = traced.stage(0, traced.num_blocks)
+        stage.rebind()
+        x3, y3 = torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 6))
+        out = stage.run_layers(stage.entry((x3, y3, *extra), {}))
+        torch.testing.assert_close(out, model(x3, y3, *extra), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="traced as causal"):  # a mask that is not causal any more
+        stage.run_layers(stage.entry((x3, y3, torch.zeros(6, 6)), {}))
 
 
 def test_profile_measures_every_block_and_balances_by_time():

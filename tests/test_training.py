@@ -39,6 +39,16 @@ def test_matches_single_device(tmp_path, reference, devices, schedule, optimizer
             assert got_epoch[k] == pytest.approx(ref_epoch[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_batch_smaller_than_n_matches_single_device(tmp_path, reference, schedule):
+    """100 samples in batches of 33 with N = 4: the last batch of 1 sample runs as one micro-batch."""
+    args = ("--epochs", "1", "--batch-size", "33", "--n", "4")
+    ref = reference(*args)
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", schedule)
+    assert got["global_step"] == ref["global_step"] == 4
+    assert_same_params(ref["state_dict"], got["state_dict"])
+
+
 def test_stage_placement(tmp_path):
     """Each rank holds only its stage's layers plus the replicated stem and head; the optimizer sees only those."""
     out = tmp_path / "pp.pt"

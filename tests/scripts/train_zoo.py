@@ -3,8 +3,8 @@ under several schedules, one ``fit`` after another in the same processes; the te
 
 With ``--devices 0`` it trains on one device with the batch cut into ``--n`` micro-batches by the data loader and
 gradients accumulated over them: the single-device training the synchronous schedules must equal, batch-norm
-statistics included (they are per micro-batch in a pipeline). Rank 0 saves, per schedule, the final state dict,
-the partition table and the logged metrics.
+statistics included (they are per micro-batch in a pipeline). Rank 0 saves, per model and schedule, the final
+state dict, the partition table and the logged metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for hf_models
 
 import lightning_timeprest  # noqa: F401  (registers the strategies)
 from examples.gpt import GPTLanguageModel, make_markov_tokens
@@ -25,7 +26,22 @@ from examples.vision import ImageClassifier, make_cifar_like
 from lightning_timeprest import TiMePReStStrategy
 
 
-def model_and_data(name: str, samples: int) -> tuple[torch.nn.Module, TensorDataset]:
+def model_and_data(name: str, samples: int, loss: str = "model") -> tuple[torch.nn.Module, TensorDataset]:
+    if name == "demo-transformer":  # Lightning's own demo: nn.Transformer with a causal target mask
+        from lightning.pytorch.demos import LightningTransformer, Transformer
+
+        class Demo(LightningTransformer):  # its own data here: no WikiText2 download
+            def prepare_data(self) -> None:
+                pass
+
+        tokens = make_markov_tokens(samples, 13, vocab_size=40, seed=0)
+        model = Demo(vocab_size=40)
+        model.model = Transformer(vocab_size=40, ninp=32, nhead=2, nhid=32, nlayers=2, dropout=0.0)
+        return model, TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    if name.startswith("hf-"):
+        import hf_models
+
+        return hf_models.HFModule(name[3:], loss), hf_models.make_data(samples)
     if name == "gpt":
         tokens = make_markov_tokens(samples, 17, vocab_size=65, seed=0)
         data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
@@ -42,7 +58,9 @@ def model_and_data(name: str, samples: int) -> tuple[torch.nn.Module, TensorData
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True, choices=["vgg16", "resnet50", "gpt"])
+    models = "vgg16|resnet50|gpt|demo-transformer|hf-FAMILY (tests/hf_models.py), several separated by commas"
+    p.add_argument("--model", required=True, help=models)
+    p.add_argument("--loss", default="model", help="hf models: model (labels=) or step (computed in the step)")
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--schedules", default="gpipe")
     p.add_argument("--n", type=int, default=2, help="micro-batches (pipedream always uses 1)")
@@ -52,12 +70,14 @@ def main() -> None:
     p.add_argument("--split-points", default=None, help="comma-separated submodule names")
     p.add_argument("--val", action="store_true")
     p.add_argument("--precision", default="32-true")
-    p.add_argument("--out", required=True, help="prefix of the output files")
+    p.add_argument("--out", required=True, help="prefix of the output files (PREFIX.MODEL.SCHEDULE.pt)")
     args = p.parse_args()
 
-    for schedule in args.schedules.split(","):
+    names = args.model.split(",")
+    for name, schedule in [(m, s) for m in names for s in args.schedules.split(",")]:
         seed_everything(0)
-        model, data = model_and_data(args.model, args.batch_size * args.steps)
+        model, data = model_and_data(name, args.batch_size * args.steps, args.loss)
+        out = f"{args.out}.{name}.{schedule}"
         if args.devices > 0:
             balance = args.balance if not args.balance[0].isdigit() else [int(b) for b in args.balance.split(",")]
             strategy = TiMePReStStrategy(
@@ -72,7 +92,7 @@ def main() -> None:
             kw = {"devices": 1}
             batch, accumulate = args.batch_size // args.n, args.n
         if args.devices == 0:
-            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{args.out}.initial.pt")
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{args.out}.{name}.initial.pt")
         loader = DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
         val = DataLoader(data, batch_size=args.batch_size) if args.val else None
         trainer = Trainer(
@@ -96,7 +116,7 @@ def main() -> None:
                     "table": getattr(trainer.strategy, "partition_table", None),
                     "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
                 },
-                f"{args.out}.{schedule}.pt",
+                f"{out}.pt",
             )
 
 
