@@ -3,12 +3,15 @@
 Tracing a module and timing its blocks need a real input. The strategy takes it the way training will produce it:
 it builds one batch like the first one of the current stage's dataloader (the first samples of a map-style
 dataset through the loader's ``collate_fn``, so the sampler's random state is untouched), runs the user's own step
-on it until the step calls the pipelined module, and keeps that call's arguments. :func:`sandbox` restores every
-random state and buffer afterwards, so a run with the sample equals a run without it.
+on it until the step calls the pipelined module, and keeps that call's arguments (:func:`sample_call`). When the
+module to pipeline is not known yet (a LightningModule without ``forward`` that calls ``self.model(...)`` in its
+step), :func:`step_calls` records which modules the step calls itself. :func:`sandbox` restores every random
+state, buffer and metric state afterwards, so a run with the sample equals a run without it.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
+from torchmetrics import Metric
 
 from lightning_timeprest.runtime import StageBoundary
 
@@ -68,8 +72,14 @@ def first_batch(loader: Any) -> Any:
 
 @contextmanager
 def sandbox(module: nn.Module) -> Iterator[None]:
-    """Run setup-time samples and profiles without a trace: random states and buffers are restored after."""
+    """Run setup-time samples and profiles without a trace: random states, buffers and the states of torchmetrics
+    ``Metric`` modules (which a step may update) are restored after."""
     buffers = [(b, b.detach().clone()) for b in module.buffers() if not b.is_meta]
+    metrics = [
+        (m, copy.deepcopy(m.metric_state), m._update_count, m._computed, m._forward_cache)
+        for m in module.modules()
+        if isinstance(m, Metric)
+    ]
     py_state = random.getstate()
     np_state = None
     try:
@@ -86,6 +96,10 @@ def sandbox(module: nn.Module) -> Iterator[None]:
             with torch.no_grad():
                 for b, value in buffers:
                     b.copy_(value)
+            for metric, state, count, computed, cache in metrics:
+                for key, value in state.items():
+                    setattr(metric, key, value)
+                metric._update_count, metric._computed, metric._forward_cache = count, computed, cache
             random.setstate(py_state)
             if np is not None and np_state is not None:
                 np.random.set_state(np_state)
@@ -157,19 +171,24 @@ def step_calls(module: Any, to_device: Callable[[Any], Any]) -> tuple[list[tuple
     """The modules the user's step calls itself (not from inside another module's forward), each with the
     arguments of its first call, in call order; ``("", ...)`` is the LightningModule's own forward.
 
-    Runs the whole step of the Trainer's current stage on a first batch, without gradients or logging; run it
-    inside :func:`sandbox`. The second value says why nothing was seen.
+    Runs the step of the Trainer's current stage on a first batch, without gradients or logging, and stops it at
+    the first call of a module that holds at least half of the parameters (nothing larger can follow; the rest of
+    the step, which may append to a list or update a metric, does not run); run it inside :func:`sandbox`. The
+    second value says why nothing was seen.
     """
     batch, hook, problem = _step_batch(module, to_device)
     if batch is None:
         return [], problem
     names = {id(m): n for n, m in module.named_modules()}
+    total = sum(p.numel() for p in module.parameters())
     calls: dict[str, Call] = {}
     depth = [0]
 
     def pre(sub: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if depth[0] == 0 and names.get(id(sub)) is not None:
             calls.setdefault(names[id(sub)], (args, dict(kwargs)))
+            if 2 * sum(p.numel() for p in sub.parameters()) >= total:
+                raise StageBoundary
         depth[0] += 1
 
     def post(_sub: nn.Module, _args: Any, _out: Any) -> None:
@@ -182,6 +201,8 @@ def step_calls(module: Any, to_device: Callable[[Any], Any]) -> tuple[list[tuple
     try:
         with torch.no_grad(), _logging_off(module):
             getattr(module, hook)(batch, 0)
+    except StageBoundary:
+        pass
     except Exception as err:  # what was called before the failure still tells which module the step uses
         problem = f"{hook} failed on the sample batch: {err!r}"
     finally:

@@ -106,6 +106,7 @@ CPU = torch.device("cpu")
 #: (the second measures the ops in the order the first chose, which changes what they cost a little).
 CALIBRATION_STEPS = 10
 _CALIBRATION_DRAINS = 2
+_PIPELINE_SYNC_ADVICE = r"It is recommended to use `self\.log\('pipeline/"
 _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
 #: the checkpoint entry holding the op costs the nF1B order was generated from
 ORDER_KEY = "timeprest_order"
@@ -616,6 +617,8 @@ class PipelineStrategyMixin:
             # every rank logs the last stage's values (replayed), so Lightning's advice to sync them across ranks
             # for epoch-level logging does not apply to one pipeline (with replicas it does, and stays)
             warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
+        # the strategy's own pipeline/ values are rank 0's, sent to every rank (see _emit_stats)
+        warnings.filterwarnings("ignore", message=_PIPELINE_SYNC_ADVICE, category=PossibleUserWarning)
         self._partition(module)
         self.precision_plugin.convert_module(module)
         self.model_to_device()
@@ -1484,18 +1487,40 @@ class PipelineStrategyMixin:
 
     def _emit_stats(self, final: bool) -> None:
         """Log the stage records gathered since the last time, every ``log_every_n_steps`` steps and at the end of
-        an epoch (``final``), under ``pipeline/stage{s}/...``.
+        an epoch (``final``), under ``pipeline/stage{s}/...``, on every rank with the same values.
 
-        Each ``self.log`` costs about a tenth of a millisecond; a dozen per step showed on small models. A step
-        value covers the steps since the previous one; an epoch's mean weights each window by its steps.
+        Rank 0 gathers every stage's record (under the asynchronous policies a few steps late) and computes the
+        values; every rank calls this at the same steps and receives them from rank 0 (one small broadcast per
+        window: at the end of a step no rank waits on another's later step, so it cannot deadlock), so callbacks
+        that monitor a ``pipeline/...`` value see it on every rank. Each ``self.log`` costs about a tenth of a
+        millisecond; a dozen per step showed on small models. A step value covers the steps since the previous
+        one; an epoch's mean weights each window by its steps.
         """
         module = self.lightning_module
         assert module is not None
         self._stats_steps += 1
-        if not self._stats_window or not (final or self._stats_steps >= module.trainer.log_every_n_steps):
+        if not (final or self._stats_steps >= module.trainer.log_every_n_steps):
             return
         steps, self._stats_steps = self._stats_steps, 0
         window, self._stats_window = self._stats_window, {}
+        values = self._stat_values(window, steps) if self.global_rank == 0 else []
+        if self.world_size > 1:
+            assert self._groups is not None
+            shared: list[Any] = [values]
+            dist.broadcast_object_list(shared, src=0, group=self._world_gloo)
+            values = shared[0]
+        for name, value, reduce_fx, size in values:
+            module.log(
+                name,
+                torch.tensor(value, dtype=torch.float32, device=module.device),
+                on_step=True,
+                on_epoch=True,
+                reduce_fx=reduce_fx,
+                batch_size=size,
+            )
+
+    def _stat_values(self, window: Mapping[int, Sequence[float]], steps: int) -> list[tuple[str, float, str, int]]:
+        """The ``pipeline/...`` values of one window of stage records: (name, value, reduce_fx, weight)."""
         values: list[tuple[str, float, str, int]] = []
         for stage, record in sorted(window.items()):
             d_sum, d_count, d_max, versions, nbytes, busy, wait, wall, samples, cuda_peak = record
@@ -1514,19 +1539,7 @@ class PipelineStrategyMixin:
                 values.append((prefix + "cuda_peak_bytes", cuda_peak, "max", 1))
         if 0 in window:
             values.append(("pipeline/v", float(self._version_difference), "max", 1))
-        for name, value, reduce_fx, size in values:
-            module.log(
-                name,
-                torch.tensor(value, dtype=torch.float32, device=module.device),
-                on_step=True,
-                on_epoch=True,
-                reduce_fx=reduce_fx,
-                batch_size=size,
-                # rank 0 alone knows every stage's record; sync_dist=True with rank_zero_only=True syncs nothing and
-                # tells Lightning the value needs no reduction across ranks (it would advise sync_dist otherwise)
-                sync_dist=True,
-                rank_zero_only=True,
-            )
+        return values
 
     def _drain(self, in_step: bool = False) -> None:
         """Finish every mini-batch in flight on every stage (a collective: all ranks call it at the same point)."""

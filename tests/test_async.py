@@ -141,6 +141,9 @@ def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
     assert all(not math.isnan(x) for x in losses[3:])
     # every mini-batch is logged exactly once per epoch (the drain at the epoch end logs the rest)
     assert all(math.isfinite(e["train_loss_epoch"]) for e in got["epochs"])
+    # the stage records reach rank 0 late, and its values reach every rank: all log the same pipeline/ values
+    seen = [torch.load(tmp_path / f"timeprest_i-3.pt.rank{rank}")["pipeline"] for rank in range(3)]
+    assert "pipeline/stage2/staleness_mean_epoch" in seen[0] and all(s == seen[0] for s in seen)
 
 
 @pytest.mark.parametrize("w, n", [(3, 2)])

@@ -299,3 +299,43 @@ def test_plain_arguments_are_fixed_by_the_trace():
     torch.testing.assert_close(last.run_layers(first.run_layers(first.entry((x,), {"scale": 2.0}))), model(x, 2.0))
     with pytest.raises(RuntimeError, match="was traced as 2.0 and is now 3.0"):
         first.entry((x,), {"scale": 3.0})
+
+
+def test_a_module_without_forward_pipelines_what_its_step_calls_without_side_effects():
+    """No forward, a model called in the step, a metric and a list updated after it: the sample finds the model
+    and stops the step at its call, so neither the list nor the metric sees the sample batch."""
+    import torchmetrics
+    from lightning.pytorch import LightningModule
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    class NoForward(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.acc, self.seen = Tiny(), torchmetrics.Accuracy("multiclass", num_classes=4), []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            out = self.model(x)
+            self.acc(out, y)
+            self.seen.append(len(x))
+            return F.cross_entropy(out, y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = NoForward()
+    strategy = TiMePReStStrategy(num_microbatches=2)
+    Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    ).fit(module, loader(18))  # fmt: skip
+    assert module.seen == [9, 9]  # the step ran once per micro-batch of the one training step; not for the sample
+    assert module.acc._update_count == 2
+    assert strategy.partition_table[1][1].startswith("model.a")

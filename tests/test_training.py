@@ -76,6 +76,9 @@ def test_stage_placement(tmp_path):
         assert logged[f"pipeline/stage{rank}/samples_per_sec_step"] > 0
         assert f"pipeline/stage{rank}/staleness_mean_step" not in logged
     assert logged["pipeline/v_step"] == 0
+    # every rank logs the same pipeline/ values (rank 0's), so a callback monitoring one works on every rank
+    seen = [torch.load(f"{out}.rank{rank}")["pipeline"] for rank in range(4)]
+    assert seen[0] and all(s == seen[0] for s in seen)
 
 
 @pytest.mark.parametrize("model", ["TiedLM", "DictBatch"])

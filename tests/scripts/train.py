@@ -286,6 +286,9 @@ def main() -> None:
         record.placement["global_step"] = trainer.global_step
         record.placement["values"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         record.placement["stopped"] = trainer.should_stop
+        record.placement["pipeline"] = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pipeline/")
+        }
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         record.placement["scale"] = float(scaler.get_scale()) if scaler is not None else None
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
