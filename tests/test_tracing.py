@@ -339,3 +339,28 @@ def test_a_module_without_forward_pipelines_what_its_step_calls_without_side_eff
     assert module.seen == [9, 9]  # the step ran once per micro-batch of the one training step; not for the sample
     assert module.acc._update_count == 2
     assert strategy.partition_table[1][1].startswith("model.a")
+
+
+def test_use_cache_is_switched_off_for_training_and_refused_when_asked_for():
+    """A forward that takes use_cache (Hugging Face models): the trace adds use_cache=False to every call; a call
+    with use_cache=True is refused with a message."""
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, use_cache=True):
+            h = self.b(self.a(x))
+            return (h, [h.detach()]) if use_cache else (h,)  # a "cache" no stage could pass on
+
+    model = Cached()
+    traced = trace(model, (torch.randn(4, 4),), {}, ["b"], "Cached")
+    assert traced.injected == {"use_cache": False}
+    stage = traced.stage(0, 2)
+    stage.rebind()
+    x = torch.randn(3, 4)
+    (out,) = stage.run_layers(stage.entry((x,), {}))
+    torch.testing.assert_close(out, model(x, use_cache=False)[0])
+    with pytest.raises(PartitionError, match="use_cache=True: a pipeline stage cannot pass on a key/value cache"):
+        trace(model, (torch.randn(4, 4),), {"use_cache": True}, ["b"], "Cached")
