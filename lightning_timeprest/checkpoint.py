@@ -24,6 +24,8 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_timeprest.errors import CheckpointError
+
 __all__ = [
     "META_FILE",
     "CheckpointError",
@@ -40,10 +42,6 @@ __all__ = [
 #: in a sharded checkpoint (a directory): Lightning's checkpoint without the model and optimizer states, plus what
 #: consolidating needs; each stage's states are in :func:`shard_file`
 META_FILE = "meta.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model or the optimizer it is loaded into."""
 
 
 def canonical_param_names(module: nn.Module, aliases: Mapping[str, str]) -> dict[int, str]:

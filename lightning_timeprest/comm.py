@@ -31,6 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from lightning_timeprest.errors import PipelineCommError
+
 __all__ = ["PipelineCommError", "PipelineGroups", "StageComm", "destroy_pipeline_groups", "new_pipeline_groups"]
 
 _DTYPES: tuple[torch.dtype, ...] = (
@@ -61,10 +63,6 @@ class _Slot:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_Slot, (self.index,))
-
-
-class PipelineCommError(RuntimeError):
-    """A transfer between stages failed or timed out (usually: a peer rank died or is stuck)."""
 
 
 @dataclass

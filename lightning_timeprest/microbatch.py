@@ -18,11 +18,9 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from lightning_timeprest.errors import MicroBatchError
+
 __all__ = ["MicroBatchError", "batch_size", "join", "microbatch_sizes", "split"]
-
-
-class MicroBatchError(ValueError):
-    """A batch cannot be split into the requested micro-batches."""
 
 
 def batch_size(batch: Any) -> int:

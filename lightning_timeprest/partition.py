@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from lightning_timeprest.errors import PartitionError
+
 __all__ = [
     "BALANCE_MODES",
     "BlockCosts",
@@ -44,10 +46,6 @@ __all__ = [
 
 BalanceSpec = Sequence[int] | str
 BALANCE_MODES = ("parameters", "time", "memory")
-
-
-class PartitionError(ValueError):
-    """The model cannot be partitioned as requested."""
 
 
 def _numel(module: nn.Module) -> int:

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
+from lightning_timeprest.errors import ScheduleError
+
 __all__ = [
     "ASYNCHRONOUS_SCHEDULES",
     "SCHEDULES",
@@ -53,10 +55,6 @@ __all__ = [
     "version_difference",
     "weight_versions",
 ]
-
-
-class ScheduleError(ValueError):
-    """A schedule is malformed: an op is missing or repeated, or its order can never run."""
 
 
 class OpKind(str, Enum):

@@ -57,6 +57,7 @@ from lightning_timeprest.comm import (
     new_pipeline_groups,
 )
 from lightning_timeprest.costs import OpClock, agreed_costs, stage_costs, time_optimizer_step
+from lightning_timeprest.errors import PipelineConfigError
 from lightning_timeprest.microbatch import batch_size, join, split
 from lightning_timeprest.partition import (
     BALANCE_MODES,
@@ -110,10 +111,6 @@ _PIPELINE_SYNC_ADVICE = r"It is recommended to use `self\.log\('pipeline/"
 _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
 #: the checkpoint entry holding the op costs the nF1B order was generated from
 ORDER_KEY = "timeprest_order"
-
-
-class PipelineConfigError(ValueError):
-    """The strategy cannot run with this configuration; the message says what to change."""
 
 
 def _loss_of(output: Any) -> Tensor:

@@ -161,3 +161,27 @@ def test_asynchronous_setups_fail_at_start(tmp_path, args, message):
     proc = run_script(tmp_path, *args, "--epochs", "1", "--out", str(tmp_path / "x.pt"), check=False, timeout=120)
     assert proc.returncode != 0
     assert "PipelineConfigError" in proc.stderr and message in proc.stderr
+
+
+def test_every_error_derives_from_one_base_class():
+    """``except TiMePReStError`` catches any error of the package; each is also the built-in error callers expect."""
+    import lightning_timeprest as tp
+
+    expected = {
+        tp.PipelineConfigError: ValueError,
+        tp.PartitionError: ValueError,
+        tp.MicroBatchError: ValueError,
+        tp.ScheduleError: ValueError,
+        tp.PipelineCommError: RuntimeError,
+        tp.CheckpointError: RuntimeError,
+    }
+    for error, builtin in expected.items():
+        assert issubclass(error, tp.TiMePReStError) and issubclass(error, builtin), error
+    # the modules raise the same classes (no second definition anywhere)
+    from lightning_timeprest import checkpoint, comm, microbatch, partition, schedules, strategy
+
+    assert strategy.PipelineConfigError is tp.PipelineConfigError and partition.PartitionError is tp.PartitionError
+    assert microbatch.MicroBatchError is tp.MicroBatchError and schedules.ScheduleError is tp.ScheduleError
+    assert comm.PipelineCommError is tp.PipelineCommError and checkpoint.CheckpointError is tp.CheckpointError
+    with pytest.raises(tp.TiMePReStError, match="unknown schedule 'zigzag'"):
+        TiMePReStStrategy(schedule="zigzag")
