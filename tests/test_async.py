@@ -62,7 +62,14 @@ def _streams_run(tmp_path, name, w, n):
     return recorded_schedules(traces, w, n), [orders["orders"][i] for i in ran], orders["op_costs"]
 
 
-@pytest.mark.parametrize("policy, w, n, optimizer, rule", CASES)
+# in the fast subset: timeprest_i at W = 3 against the reference; the other cases in the whole suite
+FAST_CASE = ("timeprest_i", 3, 2, "sgd", "graph")
+
+
+@pytest.mark.parametrize(
+    "policy, w, n, optimizer, rule",
+    [case if case == FAST_CASE else pytest.param(*case, marks=pytest.mark.slow) for case in CASES],
+)
 def test_matches_single_process_reference(tmp_path, policy, w, n, optimizer, rule):
     """With op costs measured at setup and re-derived from the first steps (a drain at the first epoch end), every
     stream ran the order the generator gives, and replaying those orders by the same rule gives the same model."""
@@ -102,6 +109,7 @@ def test_matches_single_process_reference(tmp_path, policy, w, n, optimizer, rul
         assert v == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, w, n, optimizer, rule", [("timeprest_i", 3, 4, "adam", "graph"),
                                                             ("timeprest", 4, 3, "sgd", "recompute")])  # fmt: skip
 def test_given_op_costs_run_the_generated_order_exactly(tmp_path, policy, w, n, optimizer, rule):
@@ -118,6 +126,7 @@ def test_given_op_costs_run_the_generated_order_exactly(tmp_path, policy, w, n, 
     assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
 
 
+@pytest.mark.slow
 def test_the_unit_order_replays_the_paper_grid(tmp_path):
     got = _run(tmp_path, "timeprest_v", 3, 2, "sgd", "graph", "--order", "unit")
     schedules, orders, _ = _streams_run(tmp_path, "timeprest_v-3", 3, 2)
@@ -126,6 +135,7 @@ def test_the_unit_order_replays_the_paper_grid(tmp_path):
     assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
 
 
+@pytest.mark.slow
 def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
     torch.manual_seed(0)
     from lightning.pytorch import seed_everything
@@ -146,6 +156,7 @@ def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
     assert "pipeline/stage2/staleness_mean_epoch" in seen[0] and all(s == seen[0] for s in seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("w, n", [(3, 2)])
 def test_significance_one_is_pipedream_stashing_and_zero_is_timeprest_v(tmp_path, w, n):
     unit = ("--order", "unit")  # the same order for every run: v = 1 in the paper's grid when W <= N + 1
@@ -160,6 +171,7 @@ def test_significance_one_is_pipedream_stashing_and_zero_is_timeprest_v(tmp_path
     assert_same_params(ref, {k: v for k, v in latest["state_dict"].items() if k in ref})
 
 
+@pytest.mark.slow
 def test_dynamic_mode_records_what_it_ran(tmp_path):
     """dynamic=True orders ops by arrival; replaying the recorded order with the same rule gives the same model."""
     w, n = 3, 2
@@ -181,6 +193,7 @@ def test_dynamic_mode_records_what_it_ran(tmp_path):
                     steps += 1
 
 
+@pytest.mark.slow
 def test_checkpoint_after_the_drain_resumes_exactly(tmp_path):
     ckpts = tmp_path / "ckpts"
     args = ("--devices", "3", "--schedule", "timeprest", "--n", "2", "--optimizer", "adam", "--batch-size", "18")
@@ -192,6 +205,7 @@ def test_checkpoint_after_the_drain_resumes_exactly(tmp_path):
     assert_same_params(model.state_dict(), full["state_dict"], atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_mid_epoch_validation_and_max_steps_drain(tmp_path, dynamic):
     """Validation drains the pipeline first; fit ending on max_steps mid-epoch drains on the last step. (Receives
@@ -203,6 +217,7 @@ def test_mid_epoch_validation_and_max_steps_drain(tmp_path, dynamic):
     assert math.isfinite(got["epochs"][0]["val_loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_a_stage_that_dies_mid_epoch_ends_every_rank(tmp_path, dynamic):
     out = str(tmp_path / "dies.pt")
@@ -216,6 +231,7 @@ def test_a_stage_that_dies_mid_epoch_ends_every_rank(tmp_path, dynamic):
     assert "PipelineCommError: stage" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["timeprest_i", "pipedream"])
 def test_every_stage_updates_a_mini_batch_with_the_learning_rate_of_its_step(tmp_path, schedule):
     """A scheduler moves on every step, while stage 0 steps for mini-batch m a few steps after m entered: each
@@ -229,6 +245,7 @@ def test_every_stage_updates_a_mini_batch_with_the_learning_rate_of_its_step(tmp
         assert torch.load(f"{out}.lrs{rank}", weights_only=False) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, w, n", [("timeprest_i", 3, 2), ("pipedream", 2, 1)])
 def test_clipping_by_value_matches_the_reference(tmp_path, policy, w, n):
     """Each stage clips its gradients elementwise before each of its updates (what Lightning does before a step)."""
@@ -239,6 +256,7 @@ def test_clipping_by_value_matches_the_reference(tmp_path, policy, w, n):
     assert any(not torch.allclose(ref[k], unclipped[k], atol=1e-5) for k in ref)  # the clipping was active
 
 
+@pytest.mark.slow
 def test_a_batch_smaller_than_n_runs_in_fewer_micro_batches(tmp_path):
     """100 samples in batches of 33: the last mini-batch has 1 sample, fewer than N = 3; it runs as one micro-batch
     (the other slots of its forwards idle) and the model equals the reference, which splits it alike."""

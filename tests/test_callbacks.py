@@ -11,6 +11,8 @@ import torch
 from conftest import assert_same_params, run_script, train
 from models import StemNetHead
 
+pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
+
 
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
 def test_model_checkpoint_keeps_the_best_validation_score(tmp_path, schedule):

@@ -9,6 +9,8 @@ from models import StemNetHead
 
 from lightning_timeprest.checkpoint import consolidate
 
+pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
+
 ARGS = ("--epochs", "3", "--optimizer", "adam", "--schedule", "1f1b", "--val")
 
 

@@ -90,6 +90,7 @@ def test_batch_smaller_than_num_microbatches_trains(schedule):
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 
 
+@pytest.mark.slow
 def test_more_stages_than_layers(tmp_path):
     start = time.monotonic()
     proc = run_script(tmp_path, "--model", "ShortNet", "--devices", "4", "--out", str(tmp_path / "x.pt"), check=False)
@@ -99,6 +100,7 @@ def test_more_stages_than_layers(tmp_path):
     assert time.monotonic() - start < 120
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank, how", [(0, "killed"), (1, "killed"), (0, "raises")])
 def test_a_failing_stage_ends_every_rank(tmp_path, rank, how):
     """A rank killed mid-epoch, or one whose step raises (its caller catching the error and living on), ends
@@ -120,6 +122,7 @@ def test_a_failing_stage_ends_every_rank(tmp_path, rank, how):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
 def test_sigterm_on_rank_0_stops_every_rank(tmp_path, schedule):
     """A preempted job (SIGTERM to rank 0, which the launcher passes on): every rank stops with Lightning's
@@ -143,6 +146,7 @@ def test_asynchronous_policies_refuse_gradient_accumulation():
         _fit_one_process(StemNetHead(), schedule="timeprest_i", accumulate_grad_batches=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from conftest import REPO, clean_env
 
+pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
+
 CONFIGS = sorted(p.name for p in (REPO / "examples" / "configs").glob("*.yaml"))
 
 

@@ -21,6 +21,8 @@ from conftest import clean_env
 
 from lightning_timeprest import SCHEDULES
 
+pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
+
 SCRIPT = Path(__file__).parent / "scripts" / "train_zoo.py"
 SYNCHRONOUS = ("gpipe", "1f1b")
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import assert_same_params, run_script, train
 
+pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
+
 
 @pytest.mark.parametrize("algorithm, stages", [("norm", "2"), ("norm", "3"), ("value", "2")])
 def test_gradient_clipping_matches_single_device(tmp_path, reference, algorithm, stages):

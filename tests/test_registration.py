@@ -18,6 +18,7 @@ from lightning_timeprest import TiMePReStStrategy
 from lightning_timeprest.registry import register
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "timeprest_v", "timeprest", "timeprest_i", "pipedream"])
 def test_names_resolve_in_the_trainer(name):
     trainer = Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
@@ -32,6 +33,7 @@ def test_registration_is_idempotent():
     assert StrategyRegistry["gpipe"]["init_params"] == {"schedule": "gpipe"}
 
 
+@pytest.mark.slow
 def test_pytorch_lightning_gets_its_own_class():
     pl = pytest.importorskip("pytorch_lightning")
     from lightning_timeprest.pytorch_lightning import TiMePReStStrategy as PLStrategy
@@ -41,6 +43,7 @@ def test_pytorch_lightning_gets_its_own_class():
     assert isinstance(trainer.strategy, pl.strategies.DDPStrategy) and trainer.strategy.schedule_name == "1f1b"
 
 
+@pytest.mark.slow
 def test_default_microbatches_and_sampler():
     strategy = Trainer(strategy="gpipe", accelerator="cpu", devices=2, logger=False).strategy
     assert strategy.num_microbatches == 4
@@ -52,6 +55,7 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config, launch",
     [
@@ -77,6 +81,7 @@ def test_cli_yaml(tmp_path, config, launch):
     assert "stage  layers" in printed and "\n0      layers.0 .. " in printed and "\n1      layers." in printed
 
 
+@pytest.mark.slow
 def test_demo_learns():
     proc = _run(sys.executable, "examples/spirals.py", "--epochs", "4")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -85,6 +90,7 @@ def test_demo_learns():
     assert val_acc > 0.5  # five classes: chance is 0.2
 
 
+@pytest.mark.slow
 def test_pytorch_lightning_trains_like_one_device(tmp_path):
     pytest.importorskip("pytorch_lightning")
     script = str(REPO / "tests" / "scripts" / "pl_train.py")

@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import SCRIPT, assert_same_params, clean_env, train
 
+pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
+
 PIPELINE = ["--stages", "2", "--epochs", "2", "--optimizer", "adam"]
 
 

@@ -233,6 +233,7 @@ def test_models_that_cannot_be_split_fail_at_start(model, kwargs, message):
     assert instance.trainer.global_step == 0
 
 
+@pytest.mark.slow
 def test_unknown_split_point_lists_the_submodules(tmp_path):
     proc = run_script(
         tmp_path, "--model", "MultiInputNet", "--devices", "2", "--split-points", "gait",
@@ -242,6 +243,7 @@ def test_unknown_split_point_lists_the_submodules(tmp_path):
     assert "split_points ['gait'] name no submodule of MultiInputNet" in proc.stderr and "'gate'" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1f1b"])  # interleaved forwards and backwards; gpipe: test_training
 def test_multi_input_model_matches_single_device(tmp_path, reference, schedule):
     args = ("--model", "MultiInputNet", "--epochs", "2", "--n", "3", "--val", "--predict")
@@ -253,6 +255,7 @@ def test_multi_input_model_matches_single_device(tmp_path, reference, schedule):
     assert [row[1] for row in got["table"][1:]] == ["embed", "gate", "mix"]
 
 
+@pytest.mark.slow
 def test_partition_table_is_printed_with_measured_time_shares(tmp_path):
     proc = run_script(
         tmp_path, "--devices", "2", "--epochs", "1", "--balance", "time", "--out", str(tmp_path / "t.pt"),
@@ -269,6 +272,7 @@ def test_partition_table_is_printed_with_measured_time_shares(tmp_path):
     assert "stage  layers" in printed and "est. time" in printed and "net.0 .. " in printed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1f1b", "timeprest_i"])
 def test_traced_checkpoint_loads_in_one_process_and_resumes_exactly(tmp_path, schedule):
     args = ("--model", "MultiInputNet", "--devices", "2", "--split-points", "mix", "--schedule", schedule)

@@ -13,7 +13,13 @@ COMMON = ("--val", "--epochs", "2", "--batch-size", "18", "--accumulate", "2", "
 
 # each schedule at W = 2 and 4, each with both optimizers across them (not every product: the suite's time)
 @pytest.mark.parametrize(
-    "devices, schedule, optimizer", [(2, "gpipe", "sgd"), (2, "1f1b", "adam"), (4, "gpipe", "adam"), (4, "1f1b", "sgd")]
+    "devices, schedule, optimizer",
+    [
+        (2, "gpipe", "sgd"),  # in the fast subset: one multi-process run against one device
+        pytest.param(2, "1f1b", "adam", marks=pytest.mark.slow),
+        pytest.param(4, "gpipe", "adam", marks=pytest.mark.slow),
+        pytest.param(4, "1f1b", "sgd", marks=pytest.mark.slow),
+    ],
 )
 def test_matches_single_device(tmp_path, reference, devices, schedule, optimizer):
     ref = reference(*COMMON, "--optimizer", optimizer)
@@ -39,6 +45,7 @@ def test_matches_single_device(tmp_path, reference, devices, schedule, optimizer
             assert got_epoch[k] == pytest.approx(ref_epoch[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1f1b"])  # (fewer micro-batches than 1F1B's warm-up; gpipe: test_errors)
 def test_a_batch_smaller_than_n_matches_single_device(tmp_path, reference, schedule):
     """100 samples in batches of 33 with N = 4: the last batch of 1 sample runs as one micro-batch."""
@@ -49,6 +56,7 @@ def test_a_batch_smaller_than_n_matches_single_device(tmp_path, reference, sched
     assert_same_params(ref["state_dict"], got["state_dict"])
 
 
+@pytest.mark.slow
 def test_stage_placement(tmp_path):
     """Each rank holds only its stage's layers plus the replicated stem and head; the optimizer sees only those."""
     out = tmp_path / "pp.pt"
@@ -81,6 +89,7 @@ def test_stage_placement(tmp_path):
     assert seen[0] and all(s == seen[0] for s in seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["TiedLM", "DictBatch"])
 def test_tied_weights_and_dict_batches(tmp_path, reference, model):
     ref = reference("--model", model, "--epochs", "2", "--batch-size", "16", "--optimizer", "adam")
@@ -108,6 +117,7 @@ def test_tied_weights_and_dict_batches(tmp_path, reference, model):
         assert torch.equal(sd["net.0.bias"], sd["net.2.bias"])  # tied across stages 0 and 1
 
 
+@pytest.mark.slow
 def test_predict_and_test_through_the_pipeline(tmp_path, reference):
     # evaluation batches of 33: the last one (1 sample) is smaller than N = 4 and runs as one micro-batch
     args = ("--epochs", "1", "--predict", "--val", "--eval-batch-size", "33")
@@ -120,6 +130,7 @@ def test_predict_and_test_through_the_pipeline(tmp_path, reference):
     assert got["epochs"][0]["val_acc"] == pytest.approx(ref["epochs"][0]["val_acc"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_configure_model_builds_on_meta(tmp_path):
     got = train(tmp_path, "pp", "--model", "ConfigureModelNet", "--devices", "2", "--epochs", "1", "--predict")
     assert got["created_on_meta"] is True
@@ -128,6 +139,7 @@ def test_configure_model_builds_on_meta(tmp_path):
     assert got["predictions"].shape == (100,)
 
 
+@pytest.mark.slow
 def test_ties_survive_meta_initialisation(tmp_path):
     """Built under init_module(empty_init=True), each stage materialises its own copies; tied parameters must
     come out as one tensor again, and replicated copies must agree across stages."""
@@ -141,6 +153,7 @@ def test_ties_survive_meta_initialisation(tmp_path):
     assert torch.equal(sd["net.0.bias"], sd["net.2.bias"])
 
 
+@pytest.mark.slow
 def test_stages_can_share_a_device(tmp_path, reference):
     """processes_per_device=3 on one device: 3 stages (over gloo), as with 3 devices. On a GPU this is how W stages
     share one card; here the shared device is the CPU."""

@@ -195,6 +195,7 @@ def test_text_datamodule_generates_a_sparse_markov_chain():
     assert (len(data.train_set), len(data.val_set)) == (180, 20)
 
 
+@pytest.mark.slow
 def test_lightning_modules_train_a_few_steps(tmp_path):
     torch.manual_seed(0)
     kwargs = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
