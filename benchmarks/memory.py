@@ -114,8 +114,6 @@ def make_probe(warmup: int) -> Any:
         def __init__(self) -> None:
             self.warmup = warmup
             self.measuring = False
-            self.stats: list[Any] = []  # the engine's StepStats (asynchronous), all steps
-            self.window_stats: list[Any] = []  # those taken after the reset
             self.activation_bytes = 0  # per micro-batch forward, max
             self.in_flight = 0
             self.peak_in_flight = 0
@@ -126,6 +124,8 @@ def make_probe(warmup: int) -> Any:
         def on_train_start(self, trainer, pl_module):
             strategy = trainer.strategy
             self.device = strategy.root_device
+            self.strategy = strategy
+            # internal: which storages hold stashed weight versions, so that they do not count as activations
             self.engine = strategy._engine
             params = [p for p in pl_module.parameters() if not p.is_meta]
             self.param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -133,17 +133,6 @@ def make_probe(warmup: int) -> Any:
             runner = strategy._runtime.module
             run_layers = runner.run_layers
             runner.run_layers = lambda x: self.forward(run_layers, x)
-            if self.engine is not None:
-                take = self.engine.take_stats
-
-                def take_and_keep():
-                    stats = take()  # the strategy sets stats.cuda_peak_bytes after this returns: keep the object
-                    self.stats.append(stats)
-                    if self.measuring:
-                        self.window_stats.append(stats)
-                    return stats
-
-                self.engine.take_stats = take_and_keep
 
         def forward(self, run_layers: Any, x: Any) -> Any:
             """One micro-batch through the stage's layers: count what it keeps for its backward."""
@@ -200,10 +189,11 @@ def make_probe(warmup: int) -> Any:
                 cuda_peak = torch.cuda.max_memory_allocated(self.device)
             in_flight_order = None
             if self.engine is not None:
-                versions = max(s.versions_held for s in self.stats)
-                weight_bytes = max(s.weight_bytes for s in self.stats)
-                n = self.engine.num_microbatches
-                in_flight_order = max(order_in_flight([e.op for e in t], n) for t in self.engine.trace if t)
+                stats = self.strategy.stats
+                versions = max(s.versions_held for s in stats)
+                weight_bytes = max(s.weight_bytes for s in stats)
+                n = self.strategy.num_microbatches
+                in_flight_order = max(order_in_flight([e.op for e in t], n) for t in self.strategy.trace if t)
             else:
                 versions, weight_bytes = 1, self.param_bytes
             self.result = {

@@ -45,30 +45,21 @@ def worker(args: argparse.Namespace) -> None:
     from examples.spirals import SpiralClassifier
 
     class Collect(Callback):
-        """Keeps every backward's d on this stage (the engine hands them out per step in ``take_stats``)."""
+        """Keeps every backward's d on this stage (``strategy.stats``: one record per step) and the op order each
+        stream ran (``strategy.trace``)."""
 
         def __init__(self) -> None:
             self.staleness: list[int] = []
             self.versions_held = 0
             self.orders: list[list] = []
 
-        def on_train_end(self, trainer, pl_module):  # the op order each stream ran on this stage
-            engine = trainer.strategy._engine
-            self.orders = [[(e.op.kind.value, e.op.minibatch, e.op.microbatch) for e in t] for t in engine.trace if t]
-            choice = trainer.strategy.order_choice
+        def on_train_end(self, trainer, pl_module):
+            strategy = trainer.strategy
+            self.staleness = [d for stats in strategy.stats for d in stats.staleness]
+            self.versions_held = max((stats.versions_held for stats in strategy.stats), default=0)
+            self.orders = [[(e.op.kind.value, e.op.minibatch, e.op.microbatch) for e in t] for t in strategy.trace if t]
+            choice = strategy.order_choice
             self.order = choice.describe() if choice is not None else "PipeDream's 1F1B"
-
-        def on_train_start(self, trainer, pl_module):
-            engine = trainer.strategy._engine
-            take = engine.take_stats
-
-            def take_and_keep():
-                stats = take()
-                self.staleness += stats.staleness
-                self.versions_held = max(self.versions_held, stats.versions_held)
-                return stats
-
-            engine.take_stats = take_and_keep
 
     seed_everything(0)
     g = torch.Generator().manual_seed(0)

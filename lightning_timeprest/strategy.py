@@ -48,7 +48,7 @@ from torchmetrics import Metric
 
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import metrics
-from lightning_timeprest.async_runtime import AsyncRuntime, StepStats
+from lightning_timeprest.async_runtime import AsyncRuntime, StepStats, TraceEntry
 from lightning_timeprest.comm import (
     PipelineCommError,
     PipelineGroups,
@@ -107,6 +107,7 @@ CPU = torch.device("cpu")
 #: (the second measures the ops in the order the first chose, which changes what they cost a little).
 CALIBRATION_STEPS = 10
 _CALIBRATION_DRAINS = 2
+STATS_HISTORY = 100_000  # steps of per-stage records kept for `TiMePReStStrategy.stats`
 _PIPELINE_SYNC_ADVICE = r"It is recommended to use `self\.log\('pipeline/"
 _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
 #: the checkpoint entry holding the op costs the nF1B order was generated from
@@ -488,6 +489,7 @@ class PipelineStrategyMixin:
         self._next_version_difference: int | None = None  # v of the order the next stream runs in
         self._stats_window: dict[int, list[float]] = {}  # rank 0: stage -> records summed since the last log
         self._stats_steps = 0  # training steps since the stage statistics were last logged
+        self._stats_history: deque[StepStats] = deque(maxlen=STATS_HISTORY)  # this stage's, see `stats`
         self._sync_clock: float | None = None  # synchronous: when the previous training step's record was taken
         self._weight_bytes: int | None = None  # synchronous: the bytes of this stage's parameters (set per fit)
         self._owners: list[int] = []
@@ -607,6 +609,7 @@ class PipelineStrategyMixin:
         fitting = trainer.state.fn == "fit"
         self._check_supported(trainer, module, fitting)
         self._sync_clock = self._weight_bytes = None
+        self._stats_history.clear()
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see _stage0_batch).
         if self.num_replicas == 1:
@@ -875,6 +878,21 @@ class PipelineStrategyMixin:
             for works, _, _ in posts:
                 for work in works:
                     work.wait(timeout=self.p2p_timeout)
+
+    @property
+    def stats(self) -> Sequence[StepStats]:
+        """This stage's record of each training step of the current fit, and under the asynchronous policies of
+        each drain (the backwards it finished), the last ``STATS_HISTORY`` of them: the
+        staleness d of every backward it ran, weight versions held, weight bytes, busy and transfer-wait seconds,
+        samples, peak CUDA bytes. Rank 0 sums every stage's records into the ``pipeline/stage{s}/...`` metrics."""
+        return self._stats_history
+
+    @property
+    def trace(self) -> list[list[TraceEntry]]:
+        """The ops this stage ran under an asynchronous policy, in order, one list per stream of mini-batches
+        (between drains), each with the weight version it read; empty under the synchronous schedules, which run
+        their schedule as built."""
+        return [list(stream) for stream in self._engine.trace] if self._engine is not None else []
 
     @property
     def op_clock(self) -> OpClock | None:
@@ -1426,6 +1444,7 @@ class PipelineStrategyMixin:
         stats = engine.take_stats()
         stats.wait_s = self._runtime.comm.wait_seconds
         stats.cuda_peak_bytes = self._cuda_peak_bytes()
+        self._stats_history.append(stats)
         self._runtime.comm.wait_seconds = 0.0
         record = stats.as_tensor(now - self._step_clock).tolist()
         self._step_clock = now
@@ -1691,6 +1710,7 @@ class PipelineStrategyMixin:
         )
         wall = now - (self._sync_clock if self._sync_clock is not None else start)
         self._sync_clock = now
+        self._stats_history.append(stats)
         return stats.as_tensor(wall).tolist()
 
     def _cuda_peak_bytes(self) -> int:

@@ -152,8 +152,15 @@ def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
     # every mini-batch is logged exactly once per epoch (the drain at the epoch end logs the rest)
     assert all(math.isfinite(e["train_loss_epoch"]) for e in got["epochs"])
     # the stage records reach rank 0 late, and its values reach every rank: all log the same pipeline/ values
-    seen = [torch.load(tmp_path / f"timeprest_i-3.pt.rank{rank}")["pipeline"] for rank in range(3)]
+    placements = [torch.load(tmp_path / f"timeprest_i-3.pt.rank{rank}") for rank in range(3)]
+    seen = [p["pipeline"] for p in placements]
     assert "pipeline/stage2/staleness_mean_epoch" in seen[0] and all(s == seen[0] for s in seen)
+    # strategy.stats: each stage's record of each step and of each drain (here one at each of the 2 epoch ends);
+    # the last stage's backwards read the live weights (d = 0), stage 0's are stale (d > 0 in the nF1B order)
+    for p in placements:
+        assert len(p["stats"]) == got["global_step"] + 2
+    assert {d for step in placements[2]["stats"] for d in step} == {0}
+    assert max(d for step in placements[0]["stats"] for d in step) > 0
 
 
 @pytest.mark.slow

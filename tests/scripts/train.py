@@ -69,7 +69,8 @@ class Record(Callback):
         if engine is not None:
             self.learning_rates = list(engine.learning_rates)
             self.trace = [
-                [(e.op.kind.value, e.op.minibatch, e.op.microbatch, e.version) for e in t] for t in engine.trace
+                [(e.op.kind.value, e.op.minibatch, e.op.microbatch, e.version) for e in t]
+                for t in trainer.strategy.trace
             ]
             self.orders = list(engine.stream_orders)
             self.op_costs = trainer.strategy.op_costs
@@ -286,6 +287,7 @@ def main() -> None:
         record.placement["global_step"] = trainer.global_step
         record.placement["values"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         record.placement["stopped"] = trainer.should_stop
+        record.placement["stats"] = [list(stats.staleness) for stats in trainer.strategy.stats]  # one per step
         record.placement["pipeline"] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pipeline/")
         }
