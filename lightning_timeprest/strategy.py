@@ -45,6 +45,7 @@ from torch.nn.modules.module import (
 )
 from torch.optim import Optimizer
 from torchmetrics import Metric
+from typing_extensions import override
 
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import metrics
@@ -497,6 +498,7 @@ class PipelineStrategyMixin:
     # -- topology -------------------------------------------------------------------------------------------
 
     @property
+    @override
     def parallel_devices(self) -> list[torch.device] | None:
         return self._parallel_devices
 
@@ -506,6 +508,7 @@ class PipelineStrategyMixin:
         k = self._processes_per_device
         self._parallel_devices = None if devices is None else [d for d in devices for _ in range(k)]
 
+    @override
     def _get_process_group_backend(self) -> str:
         if self._processes_per_device > 1 and self._process_group_backend is None:
             return "gloo"
@@ -547,10 +550,12 @@ class PipelineStrategyMixin:
         return 2 * self.num_stages
 
     @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # the stages of one pipeline see the same data; the replicas see their own shards
         return {"num_replicas": self.num_replicas, "rank": self.replica}
 
+    @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
         backend = self._get_process_group_backend()
@@ -577,6 +582,7 @@ class PipelineStrategyMixin:
     # -- model placement ------------------------------------------------------------------------------------
 
     @contextmanager
+    @override
     def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
         # empty_init: parameters and buffers go to the meta device; each rank materialises its own stage at setup
         with (
@@ -587,11 +593,13 @@ class PipelineStrategyMixin:
             yield
 
     @contextmanager
+    @override
     def model_sharded_context(self) -> Iterator[None]:
         # configure_model builds its parameters on the meta device, so the full model never exists on any rank
         with _parameters_on_meta():
             yield
 
+    @override
     def model_to_device(self) -> None:
         # released tensors (other stages' parts) stay on the meta device
         assert self.model is not None
@@ -602,6 +610,7 @@ class PipelineStrategyMixin:
         self.model._apply(lambda t: t if t.is_meta else t.to(device))
         _update_properties(self.model, device=device)
 
+    @override
     def setup(self, trainer: Any) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
@@ -678,6 +687,7 @@ class PipelineStrategyMixin:
         for p in params:
             p.grad.detach().mul_(coefficient)
 
+    @override
     def setup_optimizers(self, trainer: Any) -> None:
         try:
             super().setup_optimizers(trainer)
@@ -1243,6 +1253,7 @@ class PipelineStrategyMixin:
             _fill(module, "", merged)
         self._plan = self._sequential = self._traced_module = self._runtime = None
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
         if isinstance(exception, PipelineCommError):
@@ -1251,6 +1262,7 @@ class PipelineStrategyMixin:
             print(f"[rank {self.global_rank}] {type(exception).__name__}: {exception}", file=sys.stderr, flush=True)
         super().on_exception(exception)
 
+    @override
     def teardown(self) -> None:
         if not self._failed and self._runtime is not None:
             self._drain()
@@ -1300,6 +1312,7 @@ class PipelineStrategyMixin:
             batch = move_data_to_device(runtime.comm.recv_value(0), self.root_device)
         return batch
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         """Run one mini-batch forward and backward through the pipeline; return its loss on every rank.
 
@@ -1321,6 +1334,7 @@ class PipelineStrategyMixin:
             p.grad = g
         return loss.to(self.root_device)
 
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         """Hand Lightning the gradients the pipeline computed in ``training_step`` (after its ``zero_grad``)."""
         module = self.lightning_module
@@ -1364,6 +1378,7 @@ class PipelineStrategyMixin:
                 grads[p] = flat[offset : offset + n].view(r.shape).to(device=p.device, dtype=p.dtype)
             offset += n
 
+    @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         if self._engine is not None:
             # asynchronous: each stage stepped its optimizer inside the pipeline, once per finished mini-batch
@@ -1614,22 +1629,27 @@ class PipelineStrategyMixin:
                 if p is not None:
                     p.copy_(wire)
 
+    @override
     def on_validation_start(self) -> None:
         self._drain()
         super().on_validation_start()
 
+    @override
     def on_train_end(self) -> None:
         self._drain()
         super().on_train_end()
 
+    @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         self._pipelined_step("validation_step", self.precision_plugin.val_step_context, args, kwargs, False)
         return None
 
+    @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         self._pipelined_step("test_step", self.precision_plugin.test_step_context, args, kwargs, False)
         return None
 
+    @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         return self._pipelined_step("predict_step", self.precision_plugin.predict_step_context, args, kwargs, False)
 
@@ -1721,6 +1741,7 @@ class PipelineStrategyMixin:
     # -- checkpoints ----------------------------------------------------------------------------------------
 
     @property
+    @override
     def restore_checkpoint_after_setup(self) -> bool:
         # restore after partitioning: each stage loads its own entries, and a meta-initialised model never
         # needs the full checkpoint in its tensors
@@ -1743,6 +1764,7 @@ class PipelineStrategyMixin:
     def _sharding(self) -> bool:
         return self.sharded_checkpoint and self._runtime is not None
 
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full model's state dict on rank 0 (gathered from all stages), empty on the other ranks; with
         ``sharded_checkpoint``, this stage's entries on every rank."""
@@ -1754,6 +1776,7 @@ class PipelineStrategyMixin:
         parts = self._runtime.comm.gather_objects(self._own_state())
         return ckpt.merge_state_dicts(parts, self._state_keys) if parts is not None else {}
 
+    @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The whole-model optimizer state on rank 0 (gathered from all stages), empty on the other ranks.
 
@@ -1777,6 +1800,7 @@ class PipelineStrategyMixin:
         parts = runtime.comm.gather_objects(named)
         return ckpt.consolidate_optimizer_states(parts, self._param_order) if parts is not None else {}
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """An ordinary checkpoint file written by rank 0; with ``sharded_checkpoint``, a directory ``filepath``
         in which each stage of replica 0 writes its own states and rank 0 the rest. The op costs the nF1B order was
@@ -1800,11 +1824,13 @@ class PipelineStrategyMixin:
                 torch.save({**checkpoint, "timeprest_shards": layout}, directory / ckpt.META_FILE)
         self.barrier("sharded checkpoint written")
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if ckpt.is_sharded(checkpoint_path):
             return ckpt.consolidate(checkpoint_path)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
+    @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
         assert module is not None
@@ -1834,6 +1860,7 @@ class PipelineStrategyMixin:
         engine.replan(choice.order)
         self._version_difference = choice.version_difference
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         module = self.lightning_module
         assert module is not None
