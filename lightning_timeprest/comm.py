@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from lightning_timeprest.compat import pytree
 from lightning_timeprest.errors import PipelineCommError
 
 __all__ = ["PipelineCommError", "PipelineGroups", "StageComm", "destroy_pipeline_groups", "new_pipeline_groups"]

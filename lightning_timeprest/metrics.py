@@ -26,6 +26,8 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_timeprest import compat
+
 __all__ = [
     "LogCapture",
     "LoggedValue",
@@ -149,7 +151,8 @@ def metric_states(module: LightningModule, logged: Sequence[LoggedValue]) -> dic
             state = {
                 k: apply_to_collection(v, Tensor, lambda t: t.detach().cpu()) for k, v in metric.metric_state.items()
             }
-            extra = {"_update_count": metric._update_count, "_forward_cache": metric._forward_cache}
+            count, cache, _ = compat.metric_bookkeeping(metric)
+            extra = {"_update_count": count, "_forward_cache": cache}
             states[item.metric_path] = {
                 "state": state,
                 **apply_to_collection(extra, Tensor, lambda t: t.detach().cpu()),
@@ -164,9 +167,8 @@ def restore_states(module: LightningModule, states: dict[str, dict[str, Any]]) -
         metric = module.get_submodule(path)
         for key, value in saved["state"].items():
             setattr(metric, key, apply_to_collection(value, Tensor, lambda t: t.to(device)))
-        metric._update_count = saved["_update_count"]
-        metric._forward_cache = apply_to_collection(saved["_forward_cache"], Tensor, lambda t: t.to(device))
-        metric._computed = None
+        cache = apply_to_collection(saved["_forward_cache"], Tensor, lambda t: t.to(device))
+        compat.set_metric_bookkeeping(metric, saved["_update_count"], cache)
 
 
 def replay(module: LightningModule, logged: Sequence[LoggedValue], states: dict[str, dict[str, Any]]) -> None:
@@ -193,13 +195,13 @@ def metric_step_scope(module: LightningModule) -> Iterator[None]:
     for metric in module.modules():
         if isinstance(metric, Metric) and not metric.full_state_update and not metric.dist_sync_on_step:
             state = {k: apply_to_collection(v, Tensor, torch.clone) for k, v in metric.metric_state.items()}
-            saved.append((metric, state, metric._update_count, metric._forward_cache))
+            count, cache, _ = compat.metric_bookkeeping(metric)
+            saved.append((metric, state, count, cache))
             metric.reset()
     try:
         yield
     finally:
         for metric, state, count, forward_cache in saved:
-            metric._forward_cache = metric.compute() if metric._update_count > 0 else forward_cache
+            cache = metric.compute() if compat.metric_bookkeeping(metric)[0] > 0 else forward_cache
             metric.merge_state(state)
-            metric._update_count += count
-            metric._computed = None
+            compat.set_metric_bookkeeping(metric, compat.metric_bookkeeping(metric)[0] + count, cache)

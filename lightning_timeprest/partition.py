@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
+from lightning_timeprest.compat import pytree
 from lightning_timeprest.errors import PartitionError
 
 __all__ = [

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 from torchmetrics import Metric
 
+from lightning_timeprest import compat
 from lightning_timeprest.runtime import StageBoundary
 
 __all__ = ["Call", "first_batch", "first_loader", "sample_call", "sandbox", "step_calls"]
@@ -76,7 +77,7 @@ def sandbox(module: nn.Module) -> Iterator[None]:
     ``Metric`` modules (which a step may update) are restored after."""
     buffers = [(b, b.detach().clone()) for b in module.buffers() if not b.is_meta]
     metrics = [
-        (m, copy.deepcopy(m.metric_state), m._update_count, m._computed, m._forward_cache)
+        (m, copy.deepcopy(m.metric_state), *compat.metric_bookkeeping(m))
         for m in module.modules()
         if isinstance(m, Metric)
     ]
@@ -96,10 +97,10 @@ def sandbox(module: nn.Module) -> Iterator[None]:
             with torch.no_grad():
                 for b, value in buffers:
                     b.copy_(value)
-            for metric, state, count, computed, cache in metrics:
+            for metric, state, count, cache, computed in metrics:
                 for key, value in state.items():
                     setattr(metric, key, value)
-                metric._update_count, metric._computed, metric._forward_cache = count, computed, cache
+                compat.set_metric_bookkeeping(metric, count, cache, computed)
             random.setstate(py_state)
             if np is not None and np_state is not None:
                 np.random.set_state(np_state)
@@ -110,7 +111,7 @@ def _step_batch(module: Any, to_device: Callable[[Any], Any]) -> tuple[Any, str,
     trainer = module.trainer
     fn = getattr(trainer.state.fn, "value", "fit")
     loop_name, hook = SOURCES.get(fn, SOURCES["fit"])
-    source = getattr(getattr(trainer, loop_name, None), "_data_source", None)
+    source = compat.data_source(trainer, loop_name)
     if source is None or not source.is_defined():
         return None, hook, f"no {fn} dataloader"
     try:

@@ -29,9 +29,6 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.fabric.utilities.device_dtype_mixin import _update_properties
-from lightning.fabric.utilities.init import _EmptyInit
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -48,7 +45,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_timeprest import checkpoint as ckpt
-from lightning_timeprest import metrics
+from lightning_timeprest import compat, metrics
 from lightning_timeprest.async_runtime import AsyncRuntime, StepStats, TraceEntry
 from lightning_timeprest.comm import (
     PipelineCommError,
@@ -157,7 +154,7 @@ def _parameters_on_meta() -> Iterator[None]:
         register_module_buffer_registration_hook(on_buffer),
     ]
     try:
-        with _EmptyInit(enabled=True):
+        with compat.EmptyInit(enabled=True):
             yield
     finally:
         for handle in handles:
@@ -199,8 +196,7 @@ class _AgreeingStep:
 
     def __call__(self, optimizer: Optimizer, *args: Any, **kwargs: Any) -> Any:
         scaler = self.step.__self__
-        state = scaler._per_optimizer_states[id(optimizer)]
-        found = state.get("found_inf_per_device", {})
+        found = compat.scaler_found_inf(scaler, optimizer)
         flag = torch.tensor([float(sum(float(v.item()) for v in found.values()))])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.strategy._groups.control)
         if flag.item() > 0:
@@ -608,7 +604,7 @@ class PipelineStrategyMixin:
             return
         device = self.root_device
         self.model._apply(lambda t: t if t.is_meta else t.to(device))
-        _update_properties(self.model, device=device)
+        compat.update_properties(self.model, device=device)
 
     @override
     def setup(self, trainer: Any) -> None:
@@ -622,7 +618,7 @@ class PipelineStrategyMixin:
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see _stage0_batch).
         if self.num_replicas == 1:
-            trainer._accelerator_connector.use_distributed_sampler = False
+            compat.disable_distributed_sampler(trainer)
             # every rank logs the last stage's values (replayed), so Lightning's advice to sync them across ranks
             # for epoch-level logging does not apply to one pipeline (with replicas it does, and stays)
             warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
@@ -645,7 +641,7 @@ class PipelineStrategyMixin:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            compat.optimizers_to_device(self.optimizers, self.root_device)
             self._hook_precision()
             self._measure_costs()
             self._replace_sigterm_barrier(trainer)
@@ -825,16 +821,13 @@ class PipelineStrategyMixin:
         stop at the same step, a few steps after the first SIGTERM on any rank.
         (Point-to-point, not a collective: a collective left pending by a dead peer would hang the group's
         teardown.)"""
-        loop, signals = trainer.fit_loop.epoch_loop, getattr(trainer, "_signal_connector", None)
-        if self.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
-            loop._broadcast_sigterm_tensor = self._sigterm_check  # the loop instance's own; removed at teardown
-            self._sigterm_loop = loop
-            # Lightning's SIGTERM handler broadcasts over all ranks too, from inside the signal handler: with a
-            # stage blocked waiting for rank 0's activations that broadcast never completes. The handler Lightning
-            # registers next (after setup) only takes note of the signal instead.
-            if signals is not None and hasattr(signals, "_sigterm_notifier_fn"):
-                signals._sigterm_notifier_fn = self._on_sigterm
-                self._signals = signals
+        # Lightning's SIGTERM handler broadcasts over all ranks too, from inside the signal handler: with a stage
+        # blocked waiting for rank 0's activations that broadcast never completes. The handler Lightning registers
+        # next (after setup) only takes note of the signal instead.
+        if self.world_size > 1:
+            self._sigterm_loop, self._signals = compat.take_over_sigterm_handling(
+                trainer, self._sigterm_check, self._on_sigterm
+            )
 
     def _on_sigterm(self, signum: Any, frame: Any) -> None:
         """SIGTERM on this rank: note it for :meth:`_sigterm_check` and pass it on to the ranks this process
@@ -876,12 +869,8 @@ class PipelineStrategyMixin:
 
     def _finish_sigterm_checks(self) -> None:
         """Complete the flags in flight (before the groups are destroyed) and give Lightning its check back."""
-        if self._sigterm_loop is not None:
-            self._sigterm_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
-            self._sigterm_loop = None
-        if self._signals is not None:
-            self._signals.__dict__.pop("_sigterm_notifier_fn", None)
-            self._signals = None
+        compat.restore_sigterm_handling(self._sigterm_loop, self._signals)
+        self._sigterm_loop = self._signals = None
         posts, self._sigterm_posts = self._sigterm_posts, deque()
         self._sigterm_noted = False
         if not self._failed:
@@ -1281,7 +1270,7 @@ class PipelineStrategyMixin:
             self._sigterm_group = None
             self._replica_group = None
         module = self.lightning_module
-        _optimizers_to_device(self.optimizers, torch.device("cpu"))
+        compat.optimizers_to_device(self.optimizers, torch.device("cpu"))
         if module is not None:
             # released layers stay on the meta device on ranks other than 0
             module._apply(lambda t: t if t.is_meta else t.cpu())
@@ -1867,7 +1856,7 @@ class PipelineStrategyMixin:
         names = ckpt.canonical_param_names(module, self._aliases)
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             optimizer.load_state_dict(ckpt.local_optimizer_state(optimizer, saved, names))
-        _optimizers_to_device(self.optimizers, self.root_device)
+        compat.optimizers_to_device(self.optimizers, self.root_device)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from torch.utils import _pytree as pytree
 
+from lightning_timeprest import compat
+from lightning_timeprest.compat import pytree
 from lightning_timeprest.partition import PartitionError
 from lightning_timeprest.runtime import StageRunner
 
@@ -127,11 +128,10 @@ def walk_calls(record: CallRecord) -> Iterator[CallRecord]:
 def _split_markers(module: nn.Module, names: Sequence[str]) -> Iterator[None]:
     """``torch.distributed.pipelining``'s split annotation, undone afterwards (it patches ``forward``)."""
     from torch.distributed.pipelining import SplitPoint
-    from torch.distributed.pipelining._IR import annotate_split_points
 
     subs = [module.get_submodule(n) for n in names]
     saved = [sub.__dict__.get("forward") for sub in subs]
-    annotate_split_points(module, dict.fromkeys(names, SplitPoint.BEGINNING))
+    compat.annotate_split_points(module, dict.fromkeys(names, SplitPoint.BEGINNING))
     try:
         yield
     finally:
@@ -210,8 +210,6 @@ def trace(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], boundaries: Sequence[str], what: str
 ) -> TracedModel:
     """Trace ``module`` on a sample call and split it at the beginning of each submodule in ``boundaries``."""
-    from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe
-
     injected = _training_defaults(module, kwargs, what)
     kwargs = {**kwargs, **injected}
     batch = _batch_size(args, kwargs)
@@ -237,7 +235,7 @@ def trace(
         except Exception as err:
             raise _explain(err, what) from err
         try:
-            pipe = Pipe._from_traced(module, program, MultiUseParameterConfig.REPLICATE)
+            pipe = compat.Pipe._from_traced(module, program, compat.MultiUseParameterConfig.REPLICATE)
         except Exception as err:
             raise PartitionError(
                 f"torch.distributed.pipelining could not split {what} at {list(boundaries)}: {err}"
@@ -276,30 +274,26 @@ def _causal_masks_resolved(module: nn.Module, args: tuple[Any, ...], kwargs: dic
     assertion to the graph that the mask still gives that answer, so a different mask later fails loudly instead of
     running the wrong attention.
     """
-    from torch.nn.modules import transformer
-
-    original = transformer._detect_is_causal_mask
+    original, causal_mask = compat.causal_mask_check()
     answers: list[bool] = []
 
     def record(mask: Tensor | None, is_causal: bool | None = None, size: int | None = None) -> bool:
         answers.append(original(mask, is_causal, size))
         return answers[-1]
 
-    transformer._detect_is_causal_mask = record
+    compat.set_causal_mask_check(record)
     try:
         with torch.no_grad():
             module(*args, **kwargs)
     finally:
-        transformer._detect_is_causal_mask = original
+        compat.set_causal_mask_check(original)
     replay = iter(answers)
 
     def resolved(mask: Tensor | None, is_causal: bool | None = None, size: int | None = None) -> bool:
         answer = next(replay, None)
         if is_causal is not None or mask is None or answer is None:
             return original(mask, is_causal, size)
-        causal = transformer._generate_square_subsequent_mask(
-            size if size is not None else mask.size(-2), device=mask.device, dtype=mask.dtype
-        )
+        causal = causal_mask(size if size is not None else mask.size(-2), device=mask.device, dtype=mask.dtype)
         if mask.size() == causal.size():
             torch._assert_async(
                 (mask == causal).all() == answer,
@@ -308,11 +302,11 @@ def _causal_masks_resolved(module: nn.Module, args: tuple[Any, ...], kwargs: dic
             )
         return answer
 
-    transformer._detect_is_causal_mask = resolved
+    compat.set_causal_mask_check(resolved)
     try:
         yield
     finally:
-        transformer._detect_is_causal_mask = original
+        compat.set_causal_mask_check(original)
 
 
 def _drop_metadata_asserts(block: nn.Module) -> None:
@@ -322,16 +316,13 @@ def _drop_metadata_asserts(block: nn.Module) -> None:
         graph = getattr(sub, "graph", None)
         if not isinstance(graph, fx.Graph):
             continue
-        found = [n for n in graph.nodes if n.op == "call_function" and n.target is _ASSERT_METADATA]
+        found = [n for n in graph.nodes if n.op == "call_function" and n.target is compat.ASSERT_TENSOR_METADATA]
         for node in found:
             graph.erase_node(node)
         if found and isinstance(sub, fx.GraphModule):
             sub.recompile()
         elif found and getattr(sub, "graph_module", None) is not None:  # export's InterpreterModule
             sub.finalize()
-
-
-_ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
 
 
 def _training_defaults(module: nn.Module, kwargs: dict[str, Any], what: str) -> dict[str, Any]:

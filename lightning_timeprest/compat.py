@@ -1,0 +1,118 @@
+"""Every use of a private API of Lightning, torchmetrics or PyTorch, in one place.
+
+Checked against lightning 2.6.6, torchmetrics 1.9.0 and torch 2.13.0 (the versions CI installs). A new release of
+one of them may move or rename any of these; this module is where to look first when an upgrade breaks the
+strategy, and the only module that names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+from lightning.fabric.utilities.init import _EmptyInit
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe, annotate_split_points
+from torch.nn.modules import transformer as _transformer
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "ASSERT_TENSOR_METADATA",
+    "EmptyInit",
+    "MultiUseParameterConfig",
+    "Pipe",
+    "annotate_split_points",
+    "causal_mask_check",
+    "data_source",
+    "disable_distributed_sampler",
+    "metric_bookkeeping",
+    "optimizers_to_device",
+    "pytree",
+    "restore_sigterm_handling",
+    "scaler_found_inf",
+    "set_causal_mask_check",
+    "set_metric_bookkeeping",
+    "take_over_sigterm_handling",
+    "update_properties",
+]
+
+# -- lightning (fabric and pytorch) ---------------------------------------------------------------------------
+
+#: ``_EmptyInit``: allocate parameters without running their initialisers (materialising a held stage).
+EmptyInit = _EmptyInit
+#: ``_update_properties``: set ``device``/``dtype`` on a module tree as ``model.to()`` would.
+update_properties = _update_properties
+#: ``_optimizers_to_device``: move optimizer states with the stage's parameters.
+optimizers_to_device = _optimizers_to_device
+
+
+def data_source(trainer: Any, loop_name: str) -> Any:
+    """The ``_DataConnector`` source of a loop (``fit_loop``, ``validate_loop``, ...): the user's dataloader hook."""
+    return getattr(getattr(trainer, loop_name, None), "_data_source", None)
+
+
+def disable_distributed_sampler(trainer: Any) -> None:
+    """Keep the user's own sampler: one pipeline reads one data stream (``Trainer(use_distributed_sampler=)`` is
+    read before the strategy can say so)."""
+    trainer._accelerator_connector.use_distributed_sampler = False
+
+
+def take_over_sigterm_handling(
+    trainer: Any, check: Callable[[], None], notify: Callable[[Any, Any], None]
+) -> tuple[Any, Any]:
+    """Replace the training epoch loop's per-step SIGTERM broadcast with ``check`` and the signal connector's
+    notifier (which broadcasts from inside the handler) with ``notify``; return what to give to
+    :func:`restore_sigterm_handling` (``None`` for what Lightning does not have)."""
+    loop, signals = trainer.fit_loop.epoch_loop, getattr(trainer, "_signal_connector", None)
+    if not hasattr(loop, "_broadcast_sigterm_tensor"):
+        return None, None
+    loop._broadcast_sigterm_tensor = check  # the loop instance's own attribute, over the class's method
+    if signals is not None and hasattr(signals, "_sigterm_notifier_fn"):
+        signals._sigterm_notifier_fn = notify
+    else:
+        signals = None
+    return loop, signals
+
+
+def restore_sigterm_handling(loop: Any, signals: Any) -> None:
+    """Give Lightning its own SIGTERM check and notifier back."""
+    if loop is not None:
+        loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+    if signals is not None:
+        signals.__dict__.pop("_sigterm_notifier_fn", None)
+
+
+# -- torchmetrics -------------------------------------------------------------------------------------------------
+
+
+def metric_bookkeeping(metric: Any) -> tuple[int, Any, Any]:
+    """A ``Metric``'s update count, the value of its last ``forward`` (what Lightning logs on step) and its cached
+    ``compute()`` result: what its public ``metric_state`` leaves out."""
+    return metric._update_count, metric._forward_cache, metric._computed
+
+
+def set_metric_bookkeeping(metric: Any, update_count: int, forward_cache: Any, computed: Any = None) -> None:
+    metric._update_count, metric._forward_cache, metric._computed = update_count, forward_cache, computed
+
+
+# -- torch ----------------------------------------------------------------------------------------------------------
+
+#: The dtype/device assertion ``torch.export`` records for ``.to()`` calls.
+ASSERT_TENSOR_METADATA = torch.ops.aten._assert_tensor_metadata.default
+
+
+def scaler_found_inf(scaler: Any, optimizer: Any) -> dict[Any, torch.Tensor]:
+    """A ``GradScaler``'s found-inf flags for ``optimizer`` after ``unscale_`` (one tensor per device)."""
+    return scaler._per_optimizer_states[id(optimizer)].get("found_inf_per_device", {})
+
+
+def causal_mask_check() -> tuple[Callable[..., bool], Callable[..., torch.Tensor]]:
+    """``torch.nn.Transformer``'s "is this mask causal?" check and its causal-mask builder."""
+    return _transformer._detect_is_causal_mask, _transformer._generate_square_subsequent_mask
+
+
+def set_causal_mask_check(check: Callable[..., bool]) -> None:
+    """Replace the check ``nn.TransformerEncoder``/``nn.TransformerDecoder`` call (a module global)."""
+    _transformer._detect_is_causal_mask = check
