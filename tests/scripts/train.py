@@ -287,7 +287,7 @@ def main() -> None:
         record.placement["global_step"] = trainer.global_step
         record.placement["values"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         record.placement["stopped"] = trainer.should_stop
-        record.placement["stats"] = [list(stats.staleness) for stats in trainer.strategy.stats]  # one per step
+        record.placement["stats"] = [list(s.staleness) for s in getattr(trainer.strategy, "stats", [])]  # per step
         record.placement["pipeline"] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pipeline/")
         }
