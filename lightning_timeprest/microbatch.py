@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lightning_timeprest.errors import MicroBatchError
 
-__all__ = ["MicroBatchError", "batch_size", "join", "microbatch_sizes", "split"]
+__all__ = ["MicroBatchError", "batch_size", "join", "microbatch_sizes", "split", "split_at_most"]
 
 
 def batch_size(batch: Any) -> int:
@@ -60,6 +60,12 @@ def split(batch: Any, num_microbatches: int) -> tuple[list[Any], list[int]]:
         parts.append(apply_to_collection(batch, Tensor, lambda t, a=start, b=end: t[a:b] if t.dim() > 0 else t))
         start = end
     return parts, sizes
+
+
+def split_at_most(batch: Any, num_microbatches: int) -> tuple[list[Any], list[int]]:
+    """:func:`split` into ``num_microbatches`` micro-batches, or one per sample when the batch is smaller (a short
+    last batch): the size-weighted mean of their losses is still the batch's mean."""
+    return split(batch, min(num_microbatches, batch_size(batch)))
 
 
 def join(outputs: Sequence[Any]) -> Any:

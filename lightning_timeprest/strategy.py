@@ -56,7 +56,7 @@ from lightning_timeprest.comm import (
 )
 from lightning_timeprest.costs import OpClock, agreed_costs, stage_costs, time_optimizer_step
 from lightning_timeprest.errors import PipelineConfigError
-from lightning_timeprest.microbatch import batch_size, join, split
+from lightning_timeprest.microbatch import batch_size, join, split, split_at_most
 from lightning_timeprest.partition import (
     BALANCE_MODES,
     BlockCosts,
@@ -1405,7 +1405,7 @@ class PipelineStrategyMixin:
         trainer = module.trainer
         batch, rest = self._stage0_batch(args[0]), args[1:]
         # a mini-batch smaller than N (a short last batch) runs in fewer micro-batches, the others' slots idle
-        microbatches, sizes = split(batch, min(self.num_microbatches, batch_size(batch)))
+        microbatches, sizes = split_at_most(batch, self.num_microbatches)
         total = sum(sizes)
         weights = [size / total for size in sizes]
         capture = metrics.LogCapture(module)
@@ -1655,8 +1655,7 @@ class PipelineStrategyMixin:
         batch, rest = self._stage0_batch(args[0]), args[1:]
         # a batch smaller than N runs in fewer micro-batches: the size-weighted mean of their losses is still the
         # batch's mean, so the gradient equals one device's
-        n = min(self.num_microbatches, batch_size(batch))
-        microbatches, sizes = split(batch, n)
+        microbatches, sizes = split_at_most(batch, self.num_microbatches)
         total = sum(sizes)
         scaler = getattr(self.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if train and scaler is not None else 1.0  # 16-mixed: the scaled loss

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 from torch.func import functional_call
 
-from lightning_timeprest.microbatch import batch_size as samples_in
-from lightning_timeprest.microbatch import split
+from lightning_timeprest.microbatch import split_at_most
 from lightning_timeprest.partition import plan_sequential
 from lightning_timeprest.schedules import NF1BOrder, Op, OpKind, Schedule, nf1b, pipedream_1f1b, simulate
 
@@ -120,7 +119,7 @@ def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, c
     global slot order of its unit-slot simulation (any order that respects every dependency gives the same result)."""
     n = schedule.num_microbatches
     # a mini-batch smaller than N runs in fewer micro-batches; its other forward slots idle
-    splits = [split(batch, min(n, samples_in(batch))) for batch in data]
+    splits = [split_at_most(batch, n) for batch in data]
     version = [0] * w
     history: list[dict[int, dict[str, torch.Tensor]]] = [
         {0: {k: v.detach().clone() for k, v in live[s].items()}} for s in range(w)
