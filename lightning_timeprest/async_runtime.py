@@ -23,9 +23,9 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,25 @@ from lightning_timeprest.runtime import StageRunner, through_stage
 from lightning_timeprest.schedules import NF1BOrder, Op, OpKind, StreamPlan
 from lightning_timeprest.versions import LeafSet, Policy, VersionStore
 
-__all__ = ["AsyncRuntime", "StepStats", "TraceEntry"]
+__all__ = ["AsyncRuntime", "StageUpdate", "StepStats", "TraceEntry"]
 
 BackwardRule = Literal["graph", "recompute"]
+
+
+class StageUpdate(Protocol):
+    """One stage's update for one mini-batch (:meth:`lightning_timeprest.precision.PipelinePrecision.stage_update`
+    bound to the module, optimizer and parameters): runs ``backward`` and the hooks around it, then the step inside
+    ``stepping``; returns whether the step was skipped."""
+
+    def __call__(
+        self,
+        loss: Tensor,
+        backward: Callable[[Tensor], None],
+        *,
+        scale: float,
+        upstream_overflow: bool,
+        stepping: Callable[[], AbstractContextManager],
+    ) -> bool: ...
 
 
 @dataclass
@@ -53,6 +69,7 @@ class _Micro:
     loss: Tensor | None = None  # last stage: the user's micro-batch loss
     pinned: bool = False
     grads: Any = None  # the receives of the output's gradients, posted when it was sent
+    meta: Any = None  # micro-batch 0: the receive of the mini-batch's loss scale and loss, posted with its gradients
 
 
 @dataclass
@@ -64,6 +81,7 @@ class _MiniBatch:
     lrs: list[Any] = field(default_factory=list)  # the optimizer's learning rates when the mini-batch entered
     micro: dict[int, _Micro] = field(default_factory=dict)
     outputs: list[Any] = field(default_factory=list)  # last stage: what the user's step returned, per micro-batch
+    meta: tuple[float, float] = (1.0, float("nan"))  # (loss scale, loss) sent back with the gradients
 
 
 @dataclass
@@ -124,7 +142,8 @@ class AsyncRuntime:
         rule: BackwardRule,
         dynamic: bool,
         loss_of: Callable[[Any], Tensor],
-        before_step: Callable[[list[Tensor]], None] | None = None,
+        update: StageUpdate,
+        loss_scale: Callable[[], float] = lambda: 1.0,
         order: NF1BOrder | None = None,
     ) -> None:
         self.stage = stage
@@ -140,7 +159,8 @@ class AsyncRuntime:
         self.rule = rule
         self.dynamic = dynamic
         self.loss_of = loss_of
-        self.before_step = before_step  # e.g. averaging the gradients over data-parallel replicas
+        self.update = update  # one stage update: hooks, backward, unscaling, clipping, the step (the precision hook)
+        self.loss_scale = loss_scale  # last stage: the scale the loss is multiplied by now
         self.order = order or NF1BOrder()  # how the nF1B order is generated (pipedream has its own)
         if schedule == "pipedream":
             self.max_inflight: int | None = num_stages - stage
@@ -168,6 +188,9 @@ class AsyncRuntime:
         #: how long this stage's ops took (the costs the order is re-derived from)
         self.clock = OpClock()
         self._step_s = 0.0  # the optimizer step of the backward running now
+        self.skipped = 0  # updates this stage skipped (16-mixed: its gradients overflowed)
+        self._upstream_skips = 0  # updates the earlier stages skipped, as the last activation header said
+        self._skips_heard = 0  # last stage: the upstream skips its loss scale has backed off for
 
     # -- stream state ---------------------------------------------------------------------------------------
 
@@ -313,6 +336,7 @@ class AsyncRuntime:
         inputs, tag = None, 0
         if not self.is_first:
             inputs, tag = self.comm.recv_tagged_activation(requires_grad=True)
+            self._upstream_skips = self.comm.note
         if self.policy.forward == "vertical" and not self.is_first:
             version = tag
             self.store.keep_versions_from(tag)
@@ -339,12 +363,14 @@ class AsyncRuntime:
             record.loss = self.loss_of(user_out)
         else:
             differentiable = None if keep_graph else torch.is_grad_enabled()
-            self.comm.send_activation(
-                out, tag=version if self.policy.forward == "vertical" else 0, differentiable=differentiable
-            )
+            tag = version if self.policy.forward == "vertical" else 0
+            note = self.skipped + self._upstream_skips
+            self.comm.send_activation(out, tag=tag, differentiable=differentiable, note=note)
             if keep_graph:
                 record.outputs = out
             if not self.dynamic:  # (dynamic mode announces backwards on the gradient group: nothing posted early)
+                if j == 0:  # the mini-batch's loss scale and loss come back before its gradients
+                    record.meta = self.comm.post_meta(2)
                 record.grads = self.comm.post_gradients(out, differentiable)
 
     def _stage_forward(self, mb: _MiniBatch, j: int, inputs: Any, leaves: LeafSet) -> tuple[Any, Any]:
@@ -360,15 +386,16 @@ class AsyncRuntime:
         )
 
     def _backward(self, m: int) -> None:
+        """Mini-batch ``m``'s backward and this stage's update for it, through the precision hook (``self.update``):
+        the hooks Lightning calls around a backward and a step run here, once per stage update."""
         assert m == self.next_backward, f"stage {self.stage}: backward {m} out of order"
         mb = self.pending.pop(m)
-
-        def j_leaves(j: int) -> int:
-            return id(mb.micro[j].leaves)
-
         if self.is_last:
-            self._backward_last(mb)
-            self.finished[m] = mb.outputs
+            loss = self._total_loss(mb)
+            scale = self.loss_scale()
+            mb.meta = (scale, float(loss.detach()))
+            upstream_overflow = self._upstream_skips > self._skips_heard
+            self._skips_heard = self._upstream_skips
         else:
             if self.dynamic:
                 posted, self._posted_ticket = self._posted_ticket, None
@@ -376,41 +403,59 @@ class AsyncRuntime:
                     posted = self.comm.post_ticket()
                 got = self.comm.wait_ticket(posted)
                 assert got == m, f"stage {self.stage}: expected the backward of mini-batch {m}, got {got}"
+            scale, value = self.comm.recv_meta(2, mb.micro[0].meta)
+            mb.meta = (scale, value)
+            loss, upstream_overflow = torch.tensor(value), False
+
+        def backward(tensor: Tensor) -> None:
+            if self.is_last:
+                self._backward_last(mb, tensor)
+                return
             # consecutive micro-batches whose forwards read the same weights share their backward weights (W~ is
             # built once) and, under the graph rule, one exchange of the weights their graphs saved
-            runs = itertools.groupby(range(len(mb.sizes)), key=lambda j: (mb.micro[j].version, j_leaves(j)))
+            runs = itertools.groupby(range(len(mb.sizes)), key=lambda j: (mb.micro[j].version, id(mb.micro[j].leaves)))
             for (version, _), js in runs:
                 self._backward_micros(mb, version, list(js))
-        self.next_backward = m + 1
-        self.trace[-1].append(TraceEntry(Op(OpKind.BACKWARD, m, None), self.store.version))
-        for i, p in enumerate(self.store.params):
-            if p.grad is not None:
-                self.trained.add(i)
-        for record in mb.micro.values():  # the backward is done: its stale version is needed no more
-            if record.pinned:
-                self.store.unpin(record.version)
+
         # the update of mini-batch m uses the learning rates of the step m entered in, on every stage (a scheduler
         # has moved on by the time a stage steps for it, by as many steps as the stage is behind)
         groups = self.optimizer.param_groups
         current = [g["lr"] for g in groups]
         for g, lr in zip(groups, mb.lrs, strict=True):
             g["lr"] = lr
-        self.learning_rates.append([g["lr"] for g in groups])  # what optimizer.step() reads
-        start = time.perf_counter()
         try:
-            if self.before_step is not None:
-                self.before_step(self.store.params)
-            with self.store.stepping():
-                self.optimizer.step()
+            skipped = self.update(
+                loss, backward, scale=scale, upstream_overflow=upstream_overflow, stepping=lambda: self._stepping(mb)
+            )
         finally:
-            self._step_s = time.perf_counter() - start
             for g, lr in zip(groups, current, strict=True):
                 g["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += int(skipped)
+        if self.is_last:
+            self.finished[m] = mb.outputs
+        self.next_backward = m + 1
+        self.trace[-1].append(TraceEntry(Op(OpKind.BACKWARD, m, None), self.store.version))
 
-    def _backward_last(self, mb: _MiniBatch) -> None:
-        if self.dynamic and not self.is_first:
-            self.comm.send_ticket(mb.index)
+    @contextmanager
+    def _stepping(self, mb: _MiniBatch) -> Iterator[None]:
+        """Around the optimizer step of ``mb``'s update: what trained, the stale versions let go, the step timed and
+        made a new weight version."""
+        for i, p in enumerate(self.store.params):
+            if p.grad is not None:
+                self.trained.add(i)
+        for record in mb.micro.values():  # the backward is done: its stale version is needed no more
+            if record.pinned:
+                self.store.unpin(record.version)
+        self.learning_rates.append([g["lr"] for g in self.optimizer.param_groups])  # what optimizer.step() reads
+        start = time.perf_counter()
+        try:
+            with self.store.stepping():
+                yield
+        finally:
+            self._step_s = time.perf_counter() - start
+
+    def _total_loss(self, mb: _MiniBatch) -> Tensor:
+        """The last stage: the mini-batch loss, the size-weighted sum of its micro-batch losses."""
         total = None
         for j, record in sorted(mb.micro.items()):
             assert record.loss is not None
@@ -421,6 +466,11 @@ class AsyncRuntime:
             term = record.loss * mb.weights[j]
             total = term if total is None else total + term
         assert total is not None
+        return total
+
+    def _backward_last(self, mb: _MiniBatch, total: Tensor) -> None:
+        """Back-propagate ``total`` (the mini-batch loss, scaled by the precision hook) through every micro-batch's
+        graph, then send the inputs' gradients back."""
         sets: dict[int, LeafSet] = {}
         for record in mb.micro.values():
             assert record.leaves is not None
@@ -434,7 +484,7 @@ class AsyncRuntime:
             self.store.harvest(leaves)
         if not self.is_first:
             for j in range(len(mb.sizes)):
-                self.comm.send_gradients(mb.micro[j].inputs)
+                self._send_gradients(mb, j)
 
     def _backward_micros(self, mb: _MiniBatch, version: int, js: list[int]) -> None:
         """Back-propagate micro-batches ``js`` of ``mb``, whose forwards read weight ``version``, in order."""
@@ -471,8 +521,10 @@ class AsyncRuntime:
 
     def _send_gradients(self, mb: _MiniBatch, j: int) -> None:
         if not self.is_first:
-            if self.dynamic and j == 0:
-                self.comm.send_ticket(mb.index)
+            if j == 0:
+                if self.dynamic:
+                    self.comm.send_ticket(mb.index)
+                self.comm.send_meta(mb.meta)
             self.comm.send_gradients(mb.micro[j].inputs)
 
 

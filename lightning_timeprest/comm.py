@@ -198,6 +198,8 @@ class StageComm:
     wait_seconds: float = 0.0
     #: set by every watched :class:`PostedRecv` when its data arrives: a stage with nothing to run sleeps on it
     arrived: threading.Event = field(default_factory=threading.Event)
+    #: the ``note`` of the last activation received
+    note: int = 0
     #: the next activation's header, posted as soon as the previous activation arrived: every message from the
     #: previous stage on the activation group starts with a header, whichever runtime receives it next
     _header: PostedRecv | None = None
@@ -236,8 +238,9 @@ class StageComm:
             self.wait_seconds += time.perf_counter() - start
         return tensor
 
-    def send_activation(self, value: Any, tag: int = 0, differentiable: bool | None = None) -> None:
-        """Send a stage output (tensor or tuple/list of tensors) to the next stage, with an integer ``tag``.
+    def send_activation(self, value: Any, tag: int = 0, differentiable: bool | None = None, note: int = 0) -> None:
+        """Send a stage output (tensor or tuple/list of tensors) to the next stage, with an integer ``tag`` and an
+        integer ``note`` (read by the receiver as :attr:`note`: the count of updates skipped upstream).
 
         ``differentiable=True`` marks float tensors as needing a gradient back even if they were computed without
         a graph (a forward that will be recomputed at backward time).
@@ -246,10 +249,11 @@ class StageComm:
         header = [kind, len(tensors), len(structure)]
         for t in tensors:
             header += [_DTYPES.index(t.dtype), int(_wants_grad(t, differentiable)), t.dim(), *t.shape]
-        if len(header) > _HEADER_LEN - 1:
+        if len(header) > _HEADER_LEN - 2:
             raise PipelineCommError(f"stage output is too complex to send ({len(tensors)} tensors)")
         buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
         buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
+        buf[-2] = note
         buf[-1] = tag
         group = self.groups.activations
         self._isend(buf, self.stage + 1, group)
@@ -291,6 +295,7 @@ class StageComm:
         for work, t in zip(works, parts, strict=True):
             self._wait(work, t, self.stage - 1, "an activation")
         self.post_activation_header()
+        self.note = values[-2]
         structure = raw.cpu().numpy().tobytes() if raw is not None else b""
         tensors = []
         for t, (_, grad, _) in zip(parts[len(parts) - count :], shapes, strict=True):
@@ -311,6 +316,22 @@ class StageComm:
 
     def wait_ticket(self, posted: PostedRecv) -> int:
         return int(posted.result(self.stage + 1, "a backward announcement").item())
+
+    def send_meta(self, values: Sequence[float]) -> None:
+        """Send the previous stage a mini-batch's values that travel with its gradients (loss scale, loss)."""
+        self._isend(torch.tensor(values, dtype=torch.float64), self.stage - 1, self.groups.gradients)
+
+    def post_meta(self, count: int) -> PostedRecv:
+        """Post the receive of the next stage's :meth:`send_meta` (``count`` values) in gradient-stream order."""
+        buf = torch.empty(count, dtype=torch.float64)
+        work = dist.irecv(buf, self._rank_of(self.stage + 1), group=self.groups.gradients)
+        return PostedRecv(work, buf, self)
+
+    def recv_meta(self, count: int, posted: PostedRecv | None = None) -> list[float]:
+        """The values :meth:`send_meta` sent (``posted``: from :meth:`post_meta`, else received now)."""
+        if posted is None:
+            posted = self.post_meta(count)
+        return posted.result(self.stage + 1, "a gradient's loss scale").tolist()
 
     def send_gradients(self, inputs: Any) -> None:
         """Send to the previous stage the gradients of the inputs that arrived with ``requires_grad``."""

@@ -7,6 +7,7 @@ strategy, and the only module that names them.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,9 @@ __all__ = [
     "EmptyInit",
     "MultiUseParameterConfig",
     "Pipe",
+    "after_closure",
     "annotate_split_points",
+    "call_hooks",
     "causal_mask_check",
     "data_source",
     "disable_distributed_sampler",
@@ -34,6 +37,7 @@ __all__ = [
     "scaler_found_inf",
     "set_causal_mask_check",
     "set_metric_bookkeeping",
+    "skip_closure_backward",
     "take_over_sigterm_handling",
     "update_properties",
 ]
@@ -82,6 +86,35 @@ def restore_sigterm_handling(loop: Any, signals: Any) -> None:
         loop.__dict__.pop("_broadcast_sigterm_tensor", None)
     if signals is not None:
         signals.__dict__.pop("_sigterm_notifier_fn", None)
+
+
+def _trainer_call_module(trainer: Any) -> Any:
+    """``lightning.pytorch.trainer.call`` (or ``pytorch_lightning``'s): the helpers that call hooks the way the
+    trainer does (profiled, with the module's ``_current_fx_name`` set, which ``self.log`` checks)."""
+    for cls in type(trainer).__mro__:
+        if cls.__name__ == "Trainer" and cls.__module__.endswith(".trainer.trainer"):
+            return importlib.import_module(cls.__module__.rsplit(".", 1)[0] + ".call")
+    raise TypeError(f"not a Lightning Trainer: {type(trainer).__name__}")
+
+
+def call_hooks(trainer: Any, name: str, *args: Any) -> None:
+    """Call hook ``name`` on the callbacks, then on the LightningModule, as Lightning's loops do
+    (``call._call_callback_hooks`` and ``call._call_lightning_module_hook``)."""
+    call = _trainer_call_module(trainer)
+    call._call_callback_hooks(trainer, name, *args)
+    call._call_lightning_module_hook(trainer, name, *args)
+
+
+def after_closure(precision: Any, model: Any, optimizer: Any) -> None:
+    """What a precision plugin does after the closure: ``on_before_optimizer_step`` on the callbacks and the
+    module, then gradient clipping through ``configure_gradient_clipping`` (``Precision._after_closure``)."""
+    precision._after_closure(model, optimizer)
+
+
+def skip_closure_backward(trainer: Any, skip: bool) -> None:
+    """Make Lightning's automatic-optimization closure run ``training_step`` only, without its ``zero_grad`` and
+    ``backward`` (``fit_loop._skip_backward``, which Lightning's own StochasticWeightAveraging sets too)."""
+    trainer.fit_loop._skip_backward = skip
 
 
 # -- torchmetrics -------------------------------------------------------------------------------------------------

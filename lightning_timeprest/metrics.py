@@ -84,11 +84,16 @@ class LogCapture:
             arguments.pop("self")
             calls.append((arguments.pop("name"), arguments.pop("value"), arguments))
 
-        self.module.log = log  # an instance attribute shadows LightningModule.log (log_dict calls it too)
+        # an instance attribute shadows LightningModule.log (log_dict calls it too); an enclosing capture's comes back
+        previous = self.module.__dict__.get("log")
+        self.module.log = log
         try:
             yield
         finally:
-            del self.module.log
+            if previous is None:
+                del self.module.log
+            else:
+                self.module.log = previous
 
 
 def _reduction(reduce_fx: Any) -> str:
@@ -175,12 +180,13 @@ def replay(module: LightningModule, logged: Sequence[LoggedValue], states: dict[
     """Log the reduced values with Lightning's own ``self.log`` on this rank (outside any capture)."""
     device = module.device
     restore_states(module, states)
+    log = type(module).log  # the class's: a capture around this call (an instance attribute) does not apply
     for item in logged:
         if item.metric_path is not None:
-            module.log(item.name, module.get_submodule(item.metric_path), **item.kwargs)
+            log(module, item.name, module.get_submodule(item.metric_path), **item.kwargs)
         else:
             assert item.value is not None
-            module.log(item.name, item.value.to(device), **item.kwargs)
+            log(module, item.name, item.value.to(device), **item.kwargs)
 
 
 @contextmanager

@@ -56,6 +56,7 @@ from lightning_timeprest.comm import (
 )
 from lightning_timeprest.costs import OpClock, agreed_costs, stage_costs, time_optimizer_step
 from lightning_timeprest.errors import PipelineConfigError
+from lightning_timeprest.metrics import LoggedValue
 from lightning_timeprest.microbatch import batch_size, join, split, split_at_most
 from lightning_timeprest.partition import (
     BALANCE_MODES,
@@ -73,6 +74,7 @@ from lightning_timeprest.partition import (
     replicated_parameters,
     tensor_holders,
 )
+from lightning_timeprest.precision import PipelineLink, PipelinePrecision, uses_gradient_hooks
 from lightning_timeprest.runtime import PipelineRuntime, StageModule, StageRunner
 from lightning_timeprest.sample import sample_call, sandbox, step_calls
 from lightning_timeprest.schedules import (
@@ -185,24 +187,6 @@ def _release(module: nn.Module, keep: set[int]) -> None:
         for name, b in list(sub._buffers.items()):
             if b is not None and id(b) not in keep and not b.is_meta:
                 sub._buffers[name] = torch.empty_like(b, device="meta")
-
-
-class _AgreeingStep:
-    """``GradScaler.step`` after the stages agreed on whether any of them found inf/NaN gradients (every stage then
-    skips the step, and ``update()`` changes the scale alike everywhere)."""
-
-    def __init__(self, step: Callable[..., Any], strategy: Any) -> None:
-        self.step, self.strategy = step, strategy
-
-    def __call__(self, optimizer: Optimizer, *args: Any, **kwargs: Any) -> Any:
-        scaler = self.step.__self__
-        found = compat.scaler_found_inf(scaler, optimizer)
-        flag = torch.tensor([float(sum(float(v.item()) for v in found.values()))])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.strategy._groups.control)
-        if flag.item() > 0:
-            for value in found.values():
-                value.fill_(1.0)
-        return self.step(optimizer, *args, **kwargs)
 
 
 #: positions in a stage record (``StepStats.as_tensor``) summed, and those maxed, over a logging window
@@ -490,6 +474,9 @@ class PipelineStrategyMixin:
         self._sync_clock: float | None = None  # synchronous: when the previous training step's record was taken
         self._weight_bytes: int | None = None  # synchronous: the bytes of this stage's parameters (set per fit)
         self._owners: list[int] = []
+        self._skipping_backward = False  # asynchronous: Lightning's closure runs training_step only
+        self._hook_logs_shared = False  # the user's gradient hooks log: their values go to every rank
+        self._hook_logs_pending: list[list[LoggedValue]] = []  # rank 0, asynchronous: hook logs to log next step
 
     # -- topology -------------------------------------------------------------------------------------------
 
@@ -575,6 +562,44 @@ class PipelineStrategyMixin:
         # torchmetrics syncs over its process_group on compute(); each stage computes its metrics on its own
         self._metric_group = [dist.new_group([r], backend="gloo") for r in ranks][self.global_rank]
 
+    # -- precision ------------------------------------------------------------------------------------------
+
+    @property
+    @override
+    def precision_plugin(self) -> PipelinePrecision:
+        if self._precision_plugin is None:
+            self._precision_plugin = PipelinePrecision(Precision())
+        return self._precision_plugin
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        # every stage update goes through the project's hook, around whatever precision the user chose
+        if plugin is not None and not isinstance(plugin, PipelinePrecision):
+            plugin = PipelinePrecision(plugin)
+        self._precision_plugin = plugin
+
+    def _link_precision(self, trainer: Any) -> None:
+        """Connect the precision hook to this pipeline (see :mod:`lightning_timeprest.precision`)."""
+        module = self.lightning_module
+        copies = {
+            id(p) for r, p in zip(self._replicated, self._replicated_local, strict=True) if r.source != self.stage
+        }
+        self.precision_plugin.link = PipelineLink(
+            stage=self.stage,
+            num_stages=self.num_stages,
+            asynchronous=self.is_asynchronous,
+            install_gradients=self._install_gradients,
+            all_reduce=self._all_reduce_stages,
+            counted_elsewhere=lambda: copies,
+            average_over_replicas=self._average_over_replicas,
+        )
+        self._hook_logs_shared = self.num_stages > 1 and uses_gradient_hooks(trainer, module)
+
+    def _all_reduce_stages(self, tensor: Tensor, op: str) -> None:
+        assert self._groups is not None
+        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        dist.all_reduce(tensor, op=reduce_op, group=self._groups.control)
+
     # -- model placement ------------------------------------------------------------------------------------
 
     @contextmanager
@@ -640,48 +665,15 @@ class PipelineStrategyMixin:
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+        self._link_precision(trainer)
         if fitting:
             compat.optimizers_to_device(self.optimizers, self.root_device)
-            self._hook_precision()
             self._measure_costs()
             self._replace_sigterm_barrier(trainer)
         self._failed = False
         self._engine = None
         if fitting and self.is_asynchronous:
             self._start_engine(module)
-
-    def _hook_precision(self) -> None:
-        """Make clipping and loss scaling see the whole pipeline, not one stage: the gradient norm is that of all
-        stages' gradients, and a step that overflows on any stage is skipped on every stage."""
-        if self.num_stages == 1:
-            return
-        plugin = self.precision_plugin
-        plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
-        scaler = getattr(plugin, "scaler", None)
-        if scaler is not None:
-            scaler.step = _AgreeingStep(scaler.step, self)  # type: ignore[method-assign]
-
-    def _unhook_precision(self) -> None:
-        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None:
-            scaler.__dict__.pop("step", None)
-
-    def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
-        """``torch.nn.utils.clip_grad_norm_`` over the parameters of all stages (a replicated parameter counts once,
-        on the stage its copies come from)."""
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        here = zip(self._replicated, self._replicated_local, strict=True)
-        copies = {id(p) for r, p in here if r.source != self.stage}
-        squares = torch.zeros(1, dtype=torch.float64)
-        for p in params:
-            if id(p) not in copies:
-                squares += p.grad.detach().double().pow(2).sum().cpu()
-        assert self._groups is not None
-        dist.all_reduce(squares, group=self._groups.control)
-        coefficient = min(float(clip_val) / (float(squares.sqrt()) + 1e-6), 1.0)
-        for p in params:
-            p.grad.detach().mul_(coefficient)
 
     @override
     def setup_optimizers(self, trainer: Any) -> None:
@@ -703,19 +695,6 @@ class PipelineStrategyMixin:
             raise PipelineConfigError(
                 "manual optimization (automatic_optimization = False) is not supported by pipeline strategies: the "
                 "pipeline runs the forward and backward passes itself; use automatic optimization"
-            )
-        if self.is_asynchronous and getattr(self.precision_plugin, "scaler", None) is not None:
-            raise PipelineConfigError(
-                "precision='16-mixed' (loss scaling) is not supported yet with the asynchronous "
-                f"{self.schedule_name!r}; use 'bf16-mixed' or '32-true', or schedule='gpipe' or '1f1b'"
-            )
-        algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
-        algorithm = str(getattr(algorithm, "value", algorithm))  # (Lightning's GradClipAlgorithmType)
-        if fitting and self.is_asynchronous and trainer.gradient_clip_val and algorithm != "value":
-            raise PipelineConfigError(
-                f"gradient_clip_algorithm='norm' does not apply to the asynchronous {self.schedule_name!r}: each stage "
-                "steps for a mini-batch before the earlier stages have its gradients, so no stage can know the norm "
-                "over all of them without a flush. Use gradient_clip_algorithm='value', or schedule='gpipe'/'1f1b'"
             )
 
     def _check_asynchronous(self, trainer: Any) -> None:
@@ -923,7 +902,8 @@ class PipelineStrategyMixin:
             rule=self.backward_rule,  # type: ignore[arg-type]
             dynamic=self.dynamic,
             loss_of=_loss_of,
-            before_step=self._before_async_step,
+            update=self._stage_update,
+            loss_scale=self.precision_plugin.loss_scale,
             order=self.order_choice.order if self.order_choice is not None else None,
         )
         self._version_difference = self.order_choice.version_difference if self.order_choice is not None else 0
@@ -935,6 +915,15 @@ class PipelineStrategyMixin:
         store_index = {id(p): i for i, p in enumerate(self._engine.store.params)}
         self._replicated_index = [store_index.get(id(p)) if p is not None else None for p in self._replicated_local]
         self._owners = [r.source for r in self._replicated]
+        # each stage update runs Lightning's backward and step hooks itself (the precision hook's stage_update)
+        compat.skip_closure_backward(module.trainer, True)
+        self._skipping_backward = True
+
+    def _stage_update(self, loss: Tensor, backward: Callable[[Tensor], None], **kwargs: Any) -> bool:
+        module = self.lightning_module
+        assert module is not None and self._engine is not None
+        params = self._engine.store.params
+        return self.precision_plugin.stage_update(module, self.optimizers[0], params, loss, backward, **kwargs)
 
     def _partition(self, module: nn.Module) -> None:
         """Cut the pipelined module into stages, keep this stage's part and release the rest (meta device)."""
@@ -1198,13 +1187,6 @@ class PipelineStrategyMixin:
                 if isinstance(tensor, Tensor) and not tensor.is_meta:
                     dist.broadcast(tensor, src=self.stage, group=self._replica_group)
 
-    def _before_async_step(self, params: list[Tensor]) -> None:
-        """What Lightning does before a step, for a step the engine takes: the replica average, clipping by value."""
-        self._average_over_replicas(params)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and trainer.gradient_clip_val:
-            torch.nn.utils.clip_grad_value_([p for p in params if p.grad is not None], float(trainer.gradient_clip_val))
-
     def _average_over_replicas(self, params: list[Tensor]) -> None:
         """Average this stage's gradients over the data-parallel replicas (one flat all-reduce)."""
         if self._replica_group is None:
@@ -1256,7 +1238,10 @@ class PipelineStrategyMixin:
         if not self._failed and self._runtime is not None:
             self._drain()
             self._final_optimizer_states = {id(o): self.optimizer_state(o) for o in self.optimizers}
-        self._unhook_precision()
+        self.precision_plugin.link = None
+        if self._skipping_backward:
+            compat.skip_closure_backward(self.lightning_module.trainer, False)
+            self._skipping_backward = False
         self._finish_sigterm_checks()
         self._unpartition(gather=not self._failed)
         for metric, group in self._metric_groups_before.items():
@@ -1323,14 +1308,10 @@ class PipelineStrategyMixin:
             p.grad = g
         return loss.to(self.root_device)
 
-    @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        """Hand Lightning the gradients the pipeline computed in ``training_step`` (after its ``zero_grad``)."""
-        module = self.lightning_module
-        assert module is not None
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        if self._engine is not None:  # the pipeline already back-propagated and stepped inside training_step
-            return self.precision_plugin.post_backward(closure_loss, module)
+    def _install_gradients(self) -> None:
+        """The synchronous backward (called by the precision hook inside Lightning's closure, after its
+        ``zero_grad``): put the gradients the pipeline computed in ``training_step`` on the parameters, summed over
+        the stages for replicated parameters and averaged over the data-parallel replicas."""
         new = self._new_grads or {}
         self._new_grads = None
         self._sum_shared_gradients(new)
@@ -1338,7 +1319,6 @@ class PipelineStrategyMixin:
             if g is not None:
                 p.grad = g if p.grad is None else p.grad.add_(g)
         self._average_over_replicas(list(new))
-        return self.precision_plugin.post_backward(closure_loss, module)
 
     def _sum_shared_gradients(self, grads: dict[nn.Parameter, Tensor | None]) -> None:
         """Sum over stages the gradients of the replicated parameters (stems, heads, tied weights).
@@ -1390,6 +1370,11 @@ class PipelineStrategyMixin:
         self._step_s += step_s
         if self._runtime is not None:
             self._runtime.clock.add("step", step_s)
+            if self._hook_logs_shared:  # every stage's gradient hooks logged: the same values on every rank
+                module = self.lightning_module
+                assert module is not None
+                for hook_logs in self._runtime.comm.all_gather_objects(self.precision_plugin.take_hook_logs()):
+                    metrics.replay(module, hook_logs, {})
         return result
 
     # -- the asynchronous engine ----------------------------------------------------------------------------
@@ -1429,7 +1414,7 @@ class PipelineStrategyMixin:
         elif not runtime.is_first:
             runtime.comm.isend_object(self._stats_record(), 0)
         else:
-            self._log_stats(0, self._stats_record())
+            self._log_stats(0, *self._stats_record())
         self._stats_sent += 1
         if k == 0:  # the first step's ops include allocations and other warm-up: not a cost to plan with
             engine.clock = OpClock()
@@ -1438,10 +1423,14 @@ class PipelineStrategyMixin:
             self._drain(in_step=True)
         else:
             self._report(engine.completed_on_stage0, in_step=True)
+        pending, self._hook_logs_pending = self._hook_logs_pending, []
+        for hook_logs in pending:  # stage 0 gathers every stage's (see _log_stats)
+            metrics.replay(module, hook_logs, {})
         self._emit_stats(final)
         return torch.tensor(self._last_loss, dtype=torch.float32, device=self.root_device)
 
-    def _stats_record(self) -> list[float]:
+    def _stats_record(self) -> tuple[list[float], list[LoggedValue]]:
+        """This stage's record since the last one, and what the user's gradient hooks logged in its updates."""
         engine = self._engine
         assert engine is not None and self._runtime is not None
         now = time.perf_counter()
@@ -1452,7 +1441,7 @@ class PipelineStrategyMixin:
         self._runtime.comm.wait_seconds = 0.0
         record = stats.as_tensor(now - self._step_clock).tolist()
         self._step_clock = now
-        return record
+        return record, self.precision_plugin.take_hook_logs()
 
     def _report(self, completed: int, in_step: bool) -> None:
         """Replay what the mini-batches up to ``completed`` logged, and (rank 0) the stage statistics owed."""
@@ -1467,14 +1456,14 @@ class PipelineStrategyMixin:
             self._last_loss = loss
             self._replay(logged, states, in_step)
             if runtime.is_first and not runtime.is_last:
-                self._log_stats(self.last_stage, last_stats)
+                self._log_stats(self.last_stage, *last_stats)
         self._reported = max(self._reported, completed)
         if runtime.is_first:
             # middle stages' records of the steps before ``completed`` were sent before that mini-batch's
             # backward reached stage 0, so receiving them never waits on the pipeline
             for s in range(1, self.num_stages - 1):
                 while self._stats_received[s] < min(completed, self._stats_sent):
-                    self._log_stats(s, runtime.comm.recv_object_from(s))
+                    self._log_stats(s, *runtime.comm.recv_object_from(s))
                     self._stats_received[s] += 1
 
     def _replay(self, logged: Any, states: Any, in_step: bool) -> None:
@@ -1494,8 +1483,11 @@ class PipelineStrategyMixin:
         else:
             self._queued.append(replay)
 
-    def _log_stats(self, stage: int, record: Sequence[float]) -> None:
-        """Rank 0 adds one stage's record of one step to the window :meth:`_emit_stats` logs next."""
+    def _log_stats(self, stage: int, record: Sequence[float], hook_logs: Sequence[LoggedValue] = ()) -> None:
+        """Rank 0 adds one stage's record of one step to the window :meth:`_emit_stats` logs next (and what the
+        stage's gradient hooks logged, to log at the next step)."""
+        if hook_logs:
+            self._hook_logs_pending.append(list(hook_logs))
         acc = self._stats_window.get(stage)
         if acc is None:
             self._stats_window[stage] = list(record)
@@ -1530,7 +1522,8 @@ class PipelineStrategyMixin:
             dist.broadcast_object_list(shared, src=0, group=self._world_gloo)
             values = shared[0]
         for name, value, reduce_fx, size in values:
-            module.log(
+            type(module).log(  # (the class's: never captured as the user's own logging)
+                module,
                 name,
                 torch.tensor(value, dtype=torch.float32, device=module.device),
                 on_step=True,
@@ -1573,7 +1566,7 @@ class PipelineStrategyMixin:
             engine.drain()
         record = self._stats_record()
         if runtime.is_first:
-            self._log_stats(0, record)
+            self._log_stats(0, *record)
         elif not runtime.is_last:
             runtime.comm.isend_object(record, 0)
         self._stats_sent += 1 if not runtime.is_last else 0
@@ -1581,7 +1574,7 @@ class PipelineStrategyMixin:
         if runtime.is_first:
             for s in range(1, self.num_stages - 1):
                 while self._stats_received[s] < self._stats_sent:
-                    self._log_stats(s, runtime.comm.recv_object_from(s))
+                    self._log_stats(s, *runtime.comm.recv_object_from(s))
                     self._stats_received[s] += 1
         runtime.comm.wait_sends()
         self._payloads, self._reported = {}, -1
@@ -1796,6 +1789,7 @@ class PipelineStrategyMixin:
         if self.op_costs is not None and self.order_choice is not None:
             costs = self.op_costs
             checkpoint[ORDER_KEY] = {"op_costs": [list(costs.forward), list(costs.backward), list(costs.step)]}
+        self._save_precision_state(checkpoint)
         if not self._sharding:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         directory = Path(filepath)
@@ -1812,11 +1806,28 @@ class PipelineStrategyMixin:
                 torch.save({**checkpoint, "timeprest_shards": layout}, directory / ckpt.META_FILE)
         self.barrier("sharded checkpoint written")
 
+    def _save_precision_state(self, checkpoint: dict[str, Any]) -> None:
+        """Save the precision plugin's state under the name of the plugin the user chose (a checkpoint that one
+        device, or plain DDP, resumes from as its own). Under the asynchronous policies the loss scale is the last
+        stage's (it scales every loss; the other stages unscale by what it sent)."""
+        plugin = self.precision_plugin
+        state = checkpoint.pop(type(plugin).__qualname__, None)
+        scaler = plugin.scaler
+        if self._engine is not None and scaler is not None and scaler.is_enabled() and self._runtime is not None:
+            state = self._runtime.comm.broadcast_object(plugin.state_dict(), self.last_stage)
+        if state:
+            checkpoint[type(plugin.wrapped).__qualname__] = state
+
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if ckpt.is_sharded(checkpoint_path):
-            return ckpt.consolidate(checkpoint_path)
-        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            checkpoint = ckpt.consolidate(checkpoint_path)
+        else:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        plugin = self.precision_plugin  # Lightning restores the plugin's state from its class's entry
+        if type(plugin.wrapped).__qualname__ in checkpoint:
+            checkpoint[type(plugin).__qualname__] = checkpoint.pop(type(plugin.wrapped).__qualname__)
+        return checkpoint
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

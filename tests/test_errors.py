@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import run_script, wait_for_ranks_to_exit
 from lightning.pytorch import Trainer
-from lightning.pytorch.plugins.precision import MixedPrecision
 from models import ManualOptimization, StemNetHead, TwoOptimizers, loader
 
 from lightning_timeprest import PipelineConfigError, TiMePReStStrategy
@@ -62,21 +61,6 @@ def test_unsupported_setups_fail_at_start(model, trainer_kwargs, message):
     instance = model()
     with pytest.raises(PipelineConfigError, match=message):
         _fit_one_process(instance, **trainer_kwargs)
-    assert instance.trainer.global_step == 0
-
-
-@pytest.mark.parametrize(
-    "trainer_kwargs, message",
-    [
-        ({"gradient_clip_val": 1.0}, "gradient_clip_algorithm='norm' does not apply to the asynchronous 'timeprest_i'"),
-        # what precision="16-mixed" gives on a GPU: autocast with a loss scaler
-        ({"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}, "16-mixed"),
-    ],
-)
-def test_asynchronous_policies_refuse_clipping_and_loss_scaling(trainer_kwargs, message):
-    instance = StemNetHead()
-    with pytest.raises(PipelineConfigError, match=message):
-        _fit_one_process(instance, schedule="timeprest_i", **trainer_kwargs)
     assert instance.trainer.global_step == 0
 
 

@@ -71,11 +71,12 @@ def test_stage_statistics_are_logged_once_per_window():
     from lightning_timeprest import TiMePReStStrategy
 
     logged: list[tuple[str, float, dict]] = []
-    module = SimpleNamespace(
-        device=torch.device("cpu"),
-        trainer=SimpleNamespace(log_every_n_steps=3),
-        log=lambda name, value, **kw: logged.append((name, float(value), kw)),
-    )
+
+    class Module(SimpleNamespace):
+        def log(self, name, value, **kw):
+            logged.append((name, float(value), kw))
+
+    module = Module(device=torch.device("cpu"), trainer=SimpleNamespace(log_every_n_steps=3))
     strategy = TiMePReStStrategy(schedule="timeprest_v")
     strategy._lightning_module = module
     # d_sum, d_count, d_max, versions, bytes, busy, wait, wall, samples, cuda peak (StepStats.as_tensor)
