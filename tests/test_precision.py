@@ -49,3 +49,43 @@ def test_an_overflow_on_one_stage_skips_the_step_on_every_stage(tmp_path, refere
     assert [r["scale"] for r in ranks] == [2.0**15, 2.0**15]
     initial = reference("--max-steps", "0")["state_dict"]
     assert_same_params(torch.load(out, weights_only=False)["state_dict"], initial, atol=0)
+
+
+def test_float16_under_an_asynchronous_policy_unscales_with_the_scale_that_travelled(tmp_path):
+    """16-mixed under timeprest_i: the last stage scales each mini-batch's loss by its current scale (doubling after
+    every update here) and sends that scale back with the gradients; every stage unscales by it. The result equals
+    the same float16 run without loss scaling (scaling by a power of two is exact), which it would not if stage 0
+    unscaled by a scale of its own."""
+    common = ("--epochs", "1", "--fp16", "--devices", "2", "--schedule", "timeprest_i", "--n", "2")
+    scaled = train(tmp_path, "scaled", *common, "--init-scale", "2", "--growth-interval", "1")
+    unscaled = train(tmp_path, "unscaled", *common, "--no-scaling")
+    assert_same_params(scaled["state_dict"], unscaled["state_dict"], atol=1e-6)
+    last = torch.load(tmp_path / "scaled.pt.rank1", weights_only=False)
+    assert last["scale"] == 2.0 * 2**6  # six updates, each doubling the scale: scaling was on
+
+
+def test_float16_overflow_under_an_asynchronous_policy_skips_only_that_stage(tmp_path):
+    """Stage 0's first update overflows under timeprest_v: stage 0 skips that one update, stage 1 skips none, and the
+    last stage backs its scale off once it hears of it (through the activations), as one scaler would."""
+    out = tmp_path / "inf.pt"
+    run_script(tmp_path, "--devices", "2", "--fp16", "--inf-rank", "0", "--schedule", "timeprest_v", "--n", "2",
+               "--epochs", "1", "--hooks", "--out", str(out))  # fmt: skip
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    assert [r["skipped"] for r in ranks] == [1, 0]
+    assert [r["scale"] for r in ranks] == [2.0**15, 2.0**15]
+    for r, placement in enumerate(ranks):
+        updates = [
+            g for name, _, g in torch.load(f"{out}.hooks{r}", weights_only=False) if name == "on_before_optimizer_step"
+        ]
+        applied = [g for g in updates if all(torch.isfinite(t).all() for t in g.values())]
+        assert len(updates) - len(applied) == (1 if r == 0 else 0)
+        # the other updates were applied, unscaled: replaying them with SGD gives the stage's final weights
+        own = {k: v for k, v in placement["initial"].items() if k in updates[-1]}
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in own.items()}
+        optimizer = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9)
+        for grads in applied:
+            for k, p in params.items():
+                p.grad = grads.get(k)
+            optimizer.step()
+        for k, p in params.items():
+            torch.testing.assert_close(placement["values"][k], p.detach(), rtol=1e-5, atol=1e-6, msg=k)

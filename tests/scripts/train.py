@@ -58,6 +58,7 @@ class Record(Callback):
         self.placement = {
             "params": {n: str(p.device) for n, p in pl_module.named_parameters()},
             "optimizer": [names[id(p)] for g in trainer.optimizers[0].param_groups for p in g["params"]],
+            "initial": {n: p.detach().clone() for n, p in pl_module.named_parameters() if not p.is_meta},
         }
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -84,15 +85,51 @@ def constant_zero(d: int) -> float:
     return 0.0
 
 
+class HookRecorder(Callback):
+    """Counts the gradient hooks and keeps what they see: each call's step, the loss before the backward, and the
+    gradients on this rank (by parameter name) after the backward and before the optimizer step."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, object]] = []
+
+    def _grads(self, pl_module):
+        return {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        self.calls.append(("on_before_zero_grad", trainer.global_step, None))
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.calls.append(("on_before_backward", trainer.global_step, float(loss)))
+
+    def on_after_backward(self, trainer, pl_module):
+        self.calls.append(("on_after_backward", trainer.global_step, self._grads(pl_module)))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.calls.append(("on_before_optimizer_step", trainer.global_step, self._grads(pl_module)))
+
+
+def with_grad_norm_logging(cls: type) -> type:
+    """``cls`` with Lightning's documented recipe: the 2-norm of every gradient, logged before each step."""
+    from lightning.pytorch.utilities import grad_norm
+
+    class GradNormLogging(cls):
+        def on_before_optimizer_step(self, optimizer):
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    return GradNormLogging
+
+
 class Overflow(Callback):
-    """Makes one rank's gradients of the first step infinite, as a float16 overflow on one stage would."""
+    """Makes one rank's gradients of its first update infinite, as a float16 overflow on one stage would."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
+        self.done = False
 
     def on_after_backward(self, trainer, pl_module):
-        if trainer.global_rank == self.rank and trainer.global_step == 0:
+        if trainer.global_rank == self.rank and not self.done:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
+            self.done = True
 
 
 class Terminate(Callback):
@@ -165,6 +202,12 @@ def main() -> None:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--fp16", action="store_true", help="16-mixed on the CPU: autocast to float16 and a GradScaler")
     p.add_argument("--init-scale", type=float, default=2.0**16)
+    p.add_argument(
+        "--growth-interval", type=int, default=2000, help="the GradScaler's (1: the scale doubles every step)"
+    )
+    p.add_argument("--no-scaling", action="store_true", help="with --fp16: float16 autocast, the GradScaler disabled")
+    p.add_argument("--hooks", action="store_true", help="record the gradient hooks (HookRecorder) on every rank")
+    p.add_argument("--grad-norm", action="store_true", help="the model logs grad_norm in on_before_optimizer_step")
     p.add_argument("--inf-rank", type=int, default=-1, help="this rank's first gradients become inf (a lone overflow)")
     p.add_argument("--stages", type=int, default=None, help="W; devices x num_nodes / W data-parallel replicas")
     p.add_argument("--num-nodes", type=int, default=1)
@@ -197,9 +240,15 @@ def main() -> None:
         callbacks.append(RichProgressBar())
     if args.inf_rank >= 0:
         callbacks.append(Overflow(args.inf_rank))
+    hooks = HookRecorder() if args.hooks else None
+    if hooks is not None:
+        callbacks.append(hooks)
     plugins = []
     if args.fp16:
-        plugins.append(MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=args.init_scale)))
+        scaler = torch.amp.GradScaler(
+            "cpu", init_scale=args.init_scale, growth_interval=args.growth_interval, enabled=not args.no_scaling
+        )
+        plugins.append(MixedPrecision("16-mixed", "cpu", scaler))
     if args.devices > 0:
         balance = args.balance or "parameters"
         if balance[0].isdigit():
@@ -251,6 +300,8 @@ def main() -> None:
         kwargs = {"optimizer": args.optimizer} if "optimizer" in cls.__init__.__code__.co_varnames else {}
         if args.scheduler:
             kwargs["scheduler"] = args.scheduler
+    if args.grad_norm:
+        cls = with_grad_norm_logging(cls)
     with trainer.init_module(empty_init=True) if args.empty_init else contextlib.nullcontext():
         model = cls(**kwargs)
     created_on_meta = all(p.is_meta for p in model.parameters()) if args.empty_init else None
@@ -283,6 +334,8 @@ def main() -> None:
     result["created_on_meta"] = getattr(model, "created_on_meta", created_on_meta)
     if trainer.is_global_zero:
         torch.save(result, args.out)
+    if hooks is not None:
+        torch.save(hooks.calls, f"{args.out}.hooks{trainer.global_rank}")
     if args.devices > 0 and hasattr(record, "placement"):
         record.placement["global_step"] = trainer.global_step
         record.placement["values"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -293,6 +346,8 @@ def main() -> None:
         }
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         record.placement["scale"] = float(scaler.get_scale()) if scaler is not None else None
+        engine = getattr(trainer.strategy, "_engine", None)
+        record.placement["skipped"] = engine.skipped if engine is not None else None
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
