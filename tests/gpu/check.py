@@ -4,7 +4,8 @@
 
 1. ``processes_per_device=2`` on GPU 0: two stages share one card over gloo, with ``16-mixed`` (autocast and a
    GradScaler whose found_inf the stages agree on) and ``bf16-mixed``; compared with one process on the GPU.
-2. ``timeprest_i`` on one shared GPU: trains, and logs each stage's ``cuda_peak_bytes``.
+2. ``timeprest_i`` on one shared GPU: trains, and logs each stage's ``cuda_peak_bytes``; with ``16-mixed`` (the
+   loss scale travelling back with the gradients, doubling every update) it equals the unscaled float16 run.
 3. ``balance="time"``: blocks profiled on CUDA (the partition table's est. time column).
 4. With 2 or more GPUs: two stages over nccl, one GPU each, against one process on one GPU.
 """
@@ -63,6 +64,17 @@ def main() -> int:
                         "timeprest_i", "--n", "2", "--precision", "bf16-mixed")  # fmt: skip
         peaks = {k: v for k, v in async_run["pipeline"][-1].items() if "cuda_peak_bytes" in k}
         checks.append((f"timeprest_i on a shared GPU: cuda_peak_bytes {peaks}", len(peaks) >= 2))
+        common = ("--devices", "1", "--per-device", "2", "--epochs", "1", "--schedule", "timeprest_i", "--n", "2")
+        scaled = run(tmp, "async-fp16", *common, "--fp16", "--init-scale", "2", "--growth-interval", "1")
+        unscaled = run(tmp, "async-fp16-unscaled", *common, "--fp16", "--no-scaling")
+        diff = max_diff(scaled["state_dict"], unscaled["state_dict"])
+        finite = all(torch.isfinite(v).all() for v in scaled["state_dict"].values())
+        checks.append(
+            (
+                f"timeprest_i, 16-mixed on a shared GPU: max |diff| vs unscaled float16 {diff:.2e}",
+                finite and diff < 1e-5,
+            )
+        )
         timed = run(tmp, "time", "--devices", "1", "--per-device", "2", "--epochs", "1", "--balance", "time")
         table = timed["table"]
         checks.append((f"balance='time' on CUDA: {table[1:]}", all(r[3].endswith("%") for r in table[1:])))

@@ -200,7 +200,7 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=None, help="gradient_clip_val")
     p.add_argument("--clip-algorithm", default="norm")
     p.add_argument("--precision", default="32-true")
-    p.add_argument("--fp16", action="store_true", help="16-mixed on the CPU: autocast to float16 and a GradScaler")
+    p.add_argument("--fp16", action="store_true", help="16-mixed with a GradScaler of --init-scale (also on the CPU)")
     p.add_argument("--init-scale", type=float, default=2.0**16)
     p.add_argument(
         "--growth-interval", type=int, default=2000, help="the GradScaler's (1: the scale doubles every step)"
@@ -245,10 +245,11 @@ def main() -> None:
         callbacks.append(hooks)
     plugins = []
     if args.fp16:
+        device = "cuda" if args.accelerator == "gpu" else "cpu"
         scaler = torch.amp.GradScaler(
-            "cpu", init_scale=args.init_scale, growth_interval=args.growth_interval, enabled=not args.no_scaling
+            device, init_scale=args.init_scale, growth_interval=args.growth_interval, enabled=not args.no_scaling
         )
-        plugins.append(MixedPrecision("16-mixed", "cpu", scaler))
+        plugins.append(MixedPrecision("16-mixed", device, scaler))
     if args.devices > 0:
         balance = args.balance or "parameters"
         if balance[0].isdigit():
