@@ -36,6 +36,7 @@ from lightning_timeprest.comm import PipelineCommError, StageComm
 from lightning_timeprest.costs import OpClock
 from lightning_timeprest.runtime import StageRunner, through_stage
 from lightning_timeprest.schedules import NF1BOrder, Op, OpKind, StreamPlan
+from lightning_timeprest.stage_stats import StepStats
 from lightning_timeprest.versions import LeafSet, Policy, VersionStore
 
 __all__ = ["AsyncRuntime", "StageUpdate", "StepStats", "TraceEntry"]
@@ -82,37 +83,6 @@ class _MiniBatch:
     micro: dict[int, _Micro] = field(default_factory=dict)
     outputs: list[Any] = field(default_factory=list)  # last stage: what the user's step returned, per micro-batch
     meta: tuple[float, float] = (1.0, float("nan"))  # (loss scale, loss) sent back with the gradients
-
-
-@dataclass
-class StepStats:
-    """What one stage did in one step (or one drain)."""
-
-    staleness: list[int] = field(default_factory=list)
-    versions_held: int = 1
-    weight_bytes: int = 0
-    busy_s: float = 0.0
-    wait_s: float = 0.0
-    samples: int = 0
-    cuda_peak_bytes: int = -1  # the step's peak CUDA allocation on this stage's GPU (-1: not on a GPU)
-
-    def as_tensor(self, wall_s: float) -> Tensor:
-        d = self.staleness
-        return torch.tensor(
-            [
-                float(sum(d)),
-                float(len(d)),
-                float(max(d)) if d else 0.0,
-                float(self.versions_held),
-                float(self.weight_bytes),
-                self.busy_s,
-                self.wait_s,
-                wall_s,
-                float(self.samples),
-                float(self.cuda_peak_bytes),
-            ],
-            dtype=torch.float64,
-        )
 
 
 @dataclass(frozen=True)

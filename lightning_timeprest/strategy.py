@@ -13,11 +13,9 @@ part of the schedule; the gradients it produced are set aside until Lightning's 
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -32,7 +30,6 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
@@ -46,7 +43,7 @@ from typing_extensions import override
 
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import compat, metrics
-from lightning_timeprest.async_runtime import AsyncRuntime, StepStats, TraceEntry
+from lightning_timeprest.async_runtime import AsyncRuntime, TraceEntry
 from lightning_timeprest.comm import (
     PipelineCommError,
     PipelineGroups,
@@ -88,6 +85,13 @@ from lightning_timeprest.schedules import (
     choose_order,
     version_difference,
 )
+from lightning_timeprest.sigterm import SigtermAgreement
+from lightning_timeprest.stage_stats import (
+    StageStatistics,
+    StepStats,
+    cuda_peak_bytes,
+    last_step_of_epoch,
+)
 from lightning_timeprest.tracing import (
     CallRecord,
     TracedModel,
@@ -107,7 +111,6 @@ CPU = torch.device("cpu")
 #: (the second measures the ops in the order the first chose, which changes what they cost a little).
 CALIBRATION_STEPS = 10
 _CALIBRATION_DRAINS = 2
-STATS_HISTORY = 100_000  # steps of per-stage records kept for `TiMePReStStrategy.stats`
 _PIPELINE_SYNC_ADVICE = r"It is recommended to use `self\.log\('pipeline/"
 _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
 #: the checkpoint entry holding the op costs the nF1B order was generated from
@@ -187,18 +190,6 @@ def _release(module: nn.Module, keep: set[int]) -> None:
         for name, b in list(sub._buffers.items()):
             if b is not None and id(b) not in keep and not b.is_meta:
                 sub._buffers[name] = torch.empty_like(b, device="meta")
-
-
-#: positions in a stage record (``StepStats.as_tensor``) summed, and those maxed, over a logging window
-_STAT_SUMS = (0, 1, 5, 6, 7, 8)
-_STAT_MAXES = (2, 3, 4, 9)
-
-
-def _last_step_of_epoch(trainer: Any) -> bool:
-    """Whether the training step running now is the epoch's last (its last batch, or ``max_steps`` reached)."""
-    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
-        trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps
-    )
 
 
 def _first_block(stage: TracedStage) -> Callable[[Any], Any]:
@@ -418,11 +409,8 @@ class PipelineStrategyMixin:
         self._block_costs: Any = None
         self._measuring = False  # the op costs are measured: the order follows them at every drain
         self._calibrations_left = 0  # drains still to make at the start of training, to measure them
-        self._sigterm_loop: Any = None
-        self._sigterm_posts: deque[tuple[list[Any], Tensor, list[Tensor]]] = deque()
-        self._sigterm_noted = False  # this rank got SIGTERM (rank 0: or heard of one from another rank)
+        self._sigterm: SigtermAgreement | None = None
         self._sigterm_group: Any = None
-        self._signals: Any = None
         self._step_s = 0.0  # synchronous: the optimizer steps not yet counted in a stage record
         self.schedule_name = schedule
         self._num_microbatches = None if num_microbatches is None else int(num_microbatches)
@@ -466,17 +454,13 @@ class PipelineStrategyMixin:
         self._queued: list[Callable[[], None]] = []  # logging owed by drains that ran outside a training step
         self._last_loss = float("nan")
         self._step_clock = time.perf_counter()
-        self._version_difference = 0  # v of the schedule in use (0 for the synchronous ones)
         self._next_version_difference: int | None = None  # v of the order the next stream runs in
-        self._stats_window: dict[int, list[float]] = {}  # rank 0: stage -> records summed since the last log
-        self._stats_steps = 0  # training steps since the stage statistics were last logged
-        self._stats_history: deque[StepStats] = deque(maxlen=STATS_HISTORY)  # this stage's, see `stats`
+        self._stage_stats = StageStatistics()
         self._sync_clock: float | None = None  # synchronous: when the previous training step's record was taken
         self._weight_bytes: int | None = None  # synchronous: the bytes of this stage's parameters (set per fit)
         self._owners: list[int] = []
         self._skipping_backward = False  # asynchronous: Lightning's closure runs training_step only
         self._hook_logs_shared = False  # the user's gradient hooks log: their values go to every rank
-        self._hook_logs_pending: list[list[LoggedValue]] = []  # rank 0, asynchronous: hook logs to log next step
 
     # -- topology -------------------------------------------------------------------------------------------
 
@@ -639,7 +623,7 @@ class PipelineStrategyMixin:
         fitting = trainer.state.fn == "fit"
         self._check_supported(trainer, module, fitting)
         self._sync_clock = self._weight_bytes = None
-        self._stats_history.clear()
+        self._stage_stats.clear()
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see _stage0_batch).
         if self.num_replicas == 1:
@@ -647,7 +631,7 @@ class PipelineStrategyMixin:
             # every rank logs the last stage's values (replayed), so Lightning's advice to sync them across ranks
             # for epoch-level logging does not apply to one pipeline (with replicas it does, and stays)
             warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
-        # the strategy's own pipeline/ values are rank 0's, sent to every rank (see _emit_stats)
+        # the strategy's own pipeline/ values are rank 0's, sent to every rank (see StageStatistics.emit)
         warnings.filterwarnings("ignore", message=_PIPELINE_SYNC_ADVICE, category=PossibleUserWarning)
         self._partition(module)
         self.precision_plugin.convert_module(module)
@@ -792,70 +776,16 @@ class PipelineStrategyMixin:
         return choice
 
     def _replace_sigterm_barrier(self, trainer: Any) -> None:
-        """Lightning 2.6 agrees on SIGTERM with a blocking broadcast from rank 0 at the start of every training step:
-        a barrier that would stop stage 0 from running ahead of the later stages, which the asynchronous policies
-        need (measured: a third of the step on an MLP at N = 4). The same agreement is made here without blocking:
-        each step every rank sends rank 0 its own flag and rank 0 sends every rank the flag it has (its own, or one
-        it heard), and each rank reads the flags sent a few steps earlier, which have arrived by then, so all ranks
-        stop at the same step, a few steps after the first SIGTERM on any rank.
-        (Point-to-point, not a collective: a collective left pending by a dead peer would hang the group's
-        teardown.)"""
-        # Lightning's SIGTERM handler broadcasts over all ranks too, from inside the signal handler: with a stage
-        # blocked waiting for rank 0's activations that broadcast never completes. The handler Lightning registers
-        # next (after setup) only takes note of the signal instead.
-        if self.world_size > 1:
-            self._sigterm_loop, self._signals = compat.take_over_sigterm_handling(
-                trainer, self._sigterm_check, self._on_sigterm
-            )
-
-    def _on_sigterm(self, signum: Any, frame: Any) -> None:
-        """SIGTERM on this rank: note it for :meth:`_sigterm_check` and pass it on to the ranks this process
-        launched, as Lightning does. Lightning's own ``received_sigterm`` is set only when every rank stops: set
-        here, each rank would stop at its own next step end, and its neighbours would wait for it."""
-        rank_zero_info(f"Received SIGTERM: {signum}; every rank stops within a few steps")
-        if not self._sigterm_noted and self.launcher is not None:
-            self.launcher.kill(signum)
-        self._sigterm_noted = True
-
-    def _sigterm_check(self) -> None:
-        module = self.lightning_module
-        assert module is not None
-        group = self._sigterm_group
-        own = torch.tensor([int(self._sigterm_noted or bool(getattr(module.trainer, "received_sigterm", False)))])
-        if self.global_rank == 0:
-            flag, heard = own, [torch.zeros(1, dtype=torch.int64) for _ in range(1, self.world_size)]
-            works = [dist.isend(flag, r, group=group) for r in range(1, self.world_size)]
-            works += [dist.irecv(h, r, group=group) for r, h in enumerate(heard, start=1)]
-        else:
-            flag, heard = torch.zeros(1, dtype=torch.int64), []
-            works = [dist.isend(own, 0, group=group), dist.irecv(flag, 0, group=group)]
-        self._sigterm_posts.append((works, flag, heard))
-        # how many steps rank 0 may run ahead of the others (it waits for their backwards): reading the flags that
-        # many steps late never blocks. A synchronous step ends on every rank before the next one starts.
+        """Agree on SIGTERM without Lightning's per-step barrier (see :mod:`lightning_timeprest.sigterm`)."""
+        if self.world_size == 1:
+            return
+        # how many steps rank 0 may run ahead of the others (it waits for their backwards); a synchronous step ends
+        # on every rank before the next one starts
         lag = 2 * self.num_stages + 4 + (self.max_inflight or 0) if self.is_asynchronous else 2
-        while len(self._sigterm_posts) > lag:
-            posted, value, others = self._sigterm_posts.popleft()
-            for work in posted:
-                work.wait(timeout=self.p2p_timeout)
-            if any(h.item() for h in others):
-                self._sigterm_noted = True  # another rank got SIGTERM: rank 0 passes it on from the next step
-            if value.item():
-                if self._signals is not None:
-                    self._signals.received_sigterm = True
-                with contextlib.suppress(Exception):
-                    dist.barrier(group=self._world_gloo)
-                raise SIGTERMException()
-
-    def _finish_sigterm_checks(self) -> None:
-        """Complete the flags in flight (before the groups are destroyed) and give Lightning its check back."""
-        compat.restore_sigterm_handling(self._sigterm_loop, self._signals)
-        self._sigterm_loop = self._signals = None
-        posts, self._sigterm_posts = self._sigterm_posts, deque()
-        self._sigterm_noted = False
-        if not self._failed:
-            for works, _, _ in posts:
-                for work in works:
-                    work.wait(timeout=self.p2p_timeout)
+        self._sigterm = SigtermAgreement(
+            self._sigterm_group, self.global_rank, self.world_size, lag, self.p2p_timeout, self._world_gloo
+        )
+        self._sigterm.install(trainer, self.launcher.kill if self.launcher is not None else None)
 
     @property
     def stats(self) -> Sequence[StepStats]:
@@ -863,7 +793,7 @@ class PipelineStrategyMixin:
         each drain (the backwards it finished), the last ``STATS_HISTORY`` of them: the
         staleness d of every backward it ran, weight versions held, weight bytes, busy and transfer-wait seconds,
         samples, peak CUDA bytes. Rank 0 sums every stage's records into the ``pipeline/stage{s}/...`` metrics."""
-        return self._stats_history
+        return self._stage_stats.history
 
     @property
     def trace(self) -> list[list[TraceEntry]]:
@@ -906,7 +836,9 @@ class PipelineStrategyMixin:
             loss_scale=self.precision_plugin.loss_scale,
             order=self.order_choice.order if self.order_choice is not None else None,
         )
-        self._version_difference = self.order_choice.version_difference if self.order_choice is not None else 0
+        self._stage_stats.version_difference = (
+            self.order_choice.version_difference if self.order_choice is not None else 0
+        )
         self._next_version_difference = None
         self._payloads, self._reported, self._queued = {}, -1, []
         self._stats_received = dict.fromkeys(range(1, self.num_stages), 0)
@@ -1242,7 +1174,9 @@ class PipelineStrategyMixin:
         if self._skipping_backward:
             compat.skip_closure_backward(self.lightning_module.trainer, False)
             self._skipping_backward = False
-        self._finish_sigterm_checks()
+        if self._sigterm is not None:
+            self._sigterm.finish(self._failed)
+            self._sigterm = None
         self._unpartition(gather=not self._failed)
         for metric, group in self._metric_groups_before.items():
             metric.process_group = group
@@ -1383,7 +1317,7 @@ class PipelineStrategyMixin:
         module, runtime, engine = self.lightning_module, self._runtime, self._engine
         assert module is not None and runtime is not None and engine is not None
         if self._next_version_difference is not None:
-            self._version_difference, self._next_version_difference = self._next_version_difference, None
+            self._stage_stats.version_difference, self._next_version_difference = self._next_version_difference, None
         for owed in self._queued:
             owed()
         self._queued = []
@@ -1414,19 +1348,18 @@ class PipelineStrategyMixin:
         elif not runtime.is_first:
             runtime.comm.isend_object(self._stats_record(), 0)
         else:
-            self._log_stats(0, *self._stats_record())
+            self._stage_stats.add(0, *self._stats_record())
         self._stats_sent += 1
         if k == 0:  # the first step's ops include allocations and other warm-up: not a cost to plan with
             engine.clock = OpClock()
-        final = _last_step_of_epoch(trainer)
+        final = last_step_of_epoch(trainer)
         if final or (self._calibrations_left and k + 1 >= CALIBRATION_STEPS):
             self._drain(in_step=True)
         else:
             self._report(engine.completed_on_stage0, in_step=True)
-        pending, self._hook_logs_pending = self._hook_logs_pending, []
-        for hook_logs in pending:  # stage 0 gathers every stage's (see _log_stats)
+        for hook_logs in self._stage_stats.take_hook_logs():  # stage 0 gathers every stage's
             metrics.replay(module, hook_logs, {})
-        self._emit_stats(final)
+        self._stage_stats.emit(module, final, self.global_rank == 0, self._share)
         return torch.tensor(self._last_loss, dtype=torch.float32, device=self.root_device)
 
     def _stats_record(self) -> tuple[list[float], list[LoggedValue]]:
@@ -1436,8 +1369,8 @@ class PipelineStrategyMixin:
         now = time.perf_counter()
         stats = engine.take_stats()
         stats.wait_s = self._runtime.comm.wait_seconds
-        stats.cuda_peak_bytes = self._cuda_peak_bytes()
-        self._stats_history.append(stats)
+        stats.cuda_peak_bytes = cuda_peak_bytes(self.root_device)
+        self._stage_stats.history.append(stats)
         self._runtime.comm.wait_seconds = 0.0
         record = stats.as_tensor(now - self._step_clock).tolist()
         self._step_clock = now
@@ -1456,14 +1389,14 @@ class PipelineStrategyMixin:
             self._last_loss = loss
             self._replay(logged, states, in_step)
             if runtime.is_first and not runtime.is_last:
-                self._log_stats(self.last_stage, *last_stats)
+                self._stage_stats.add(self.last_stage, *last_stats)
         self._reported = max(self._reported, completed)
         if runtime.is_first:
             # middle stages' records of the steps before ``completed`` were sent before that mini-batch's
             # backward reached stage 0, so receiving them never waits on the pipeline
             for s in range(1, self.num_stages - 1):
                 while self._stats_received[s] < min(completed, self._stats_sent):
-                    self._log_stats(s, *runtime.comm.recv_object_from(s))
+                    self._stage_stats.add(s, *runtime.comm.recv_object_from(s))
                     self._stats_received[s] += 1
 
     def _replay(self, logged: Any, states: Any, in_step: bool) -> None:
@@ -1483,76 +1416,15 @@ class PipelineStrategyMixin:
         else:
             self._queued.append(replay)
 
-    def _log_stats(self, stage: int, record: Sequence[float], hook_logs: Sequence[LoggedValue] = ()) -> None:
-        """Rank 0 adds one stage's record of one step to the window :meth:`_emit_stats` logs next (and what the
-        stage's gradient hooks logged, to log at the next step)."""
-        if hook_logs:
-            self._hook_logs_pending.append(list(hook_logs))
-        acc = self._stats_window.get(stage)
-        if acc is None:
-            self._stats_window[stage] = list(record)
-            return
-        for i in _STAT_SUMS:
-            acc[i] += record[i]
-        for i in _STAT_MAXES:
-            acc[i] = max(acc[i], record[i])
+    @property
+    def _share(self) -> Callable[[Any], Any] | None:
+        """A broadcast of a Python value from rank 0 to every rank (``None`` with one process)."""
+        return self._share_from_rank_zero if self.world_size > 1 else None
 
-    def _emit_stats(self, final: bool) -> None:
-        """Log the stage records gathered since the last time, every ``log_every_n_steps`` steps and at the end of
-        an epoch (``final``), under ``pipeline/stage{s}/...``, on every rank with the same values.
-
-        Rank 0 gathers every stage's record (under the asynchronous policies a few steps late) and computes the
-        values; every rank calls this at the same steps and receives them from rank 0 (one small broadcast per
-        window: at the end of a step no rank waits on another's later step, so it cannot deadlock), so callbacks
-        that monitor a ``pipeline/...`` value see it on every rank. Each ``self.log`` costs about a tenth of a
-        millisecond; a dozen per step showed on small models. A step value covers the steps since the previous
-        one; an epoch's mean weights each window by its steps.
-        """
-        module = self.lightning_module
-        assert module is not None
-        self._stats_steps += 1
-        if not (final or self._stats_steps >= module.trainer.log_every_n_steps):
-            return
-        steps, self._stats_steps = self._stats_steps, 0
-        window, self._stats_window = self._stats_window, {}
-        values = self._stat_values(window, steps) if self.global_rank == 0 else []
-        if self.world_size > 1:
-            assert self._groups is not None
-            shared: list[Any] = [values]
-            dist.broadcast_object_list(shared, src=0, group=self._world_gloo)
-            values = shared[0]
-        for name, value, reduce_fx, size in values:
-            type(module).log(  # (the class's: never captured as the user's own logging)
-                module,
-                name,
-                torch.tensor(value, dtype=torch.float32, device=module.device),
-                on_step=True,
-                on_epoch=True,
-                reduce_fx=reduce_fx,
-                batch_size=size,
-            )
-
-    def _stat_values(self, window: Mapping[int, Sequence[float]], steps: int) -> list[tuple[str, float, str, int]]:
-        """The ``pipeline/...`` values of one window of stage records: (name, value, reduce_fx, weight)."""
-        values: list[tuple[str, float, str, int]] = []
-        for stage, record in sorted(window.items()):
-            d_sum, d_count, d_max, versions, nbytes, busy, wait, wall, samples, cuda_peak = record
-            prefix = f"pipeline/stage{stage}/"
-            values += [
-                (prefix + "versions_held", versions, "max", 1),
-                (prefix + "weight_bytes", nbytes, "max", 1),
-                (prefix + "idle_fraction", max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0, "mean", steps),
-                (prefix + "samples_per_sec", samples / wall if wall > 0 else 0.0, "mean", steps),
-                (prefix + "comm_wait_s", wait, "sum", 1),
-            ]
-            if d_count > 0:
-                values += [(prefix + "staleness_mean", d_sum / d_count, "mean", int(d_count))]
-                values += [(prefix + "staleness_max", d_max, "max", 1)]
-            if cuda_peak >= 0:
-                values.append((prefix + "cuda_peak_bytes", cuda_peak, "max", 1))
-        if 0 in window:
-            values.append(("pipeline/v", float(self._version_difference), "max", 1))
-        return values
+    def _share_from_rank_zero(self, value: Any) -> Any:
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0, group=self._world_gloo)
+        return shared[0]
 
     def _drain(self, in_step: bool = False) -> None:
         """Finish every mini-batch in flight on every stage (a collective: all ranks call it at the same point)."""
@@ -1566,7 +1438,7 @@ class PipelineStrategyMixin:
             engine.drain()
         record = self._stats_record()
         if runtime.is_first:
-            self._log_stats(0, *record)
+            self._stage_stats.add(0, *record)
         elif not runtime.is_last:
             runtime.comm.isend_object(record, 0)
         self._stats_sent += 1 if not runtime.is_last else 0
@@ -1574,7 +1446,7 @@ class PipelineStrategyMixin:
         if runtime.is_first:
             for s in range(1, self.num_stages - 1):
                 while self._stats_received[s] < self._stats_sent:
-                    self._log_stats(s, *runtime.comm.recv_object_from(s))
+                    self._stage_stats.add(s, *runtime.comm.recv_object_from(s))
                     self._stats_received[s] += 1
         runtime.comm.wait_sends()
         self._payloads, self._reported = {}, -1
@@ -1683,8 +1555,8 @@ class PipelineStrategyMixin:
             value, logged, states = gathered[self.last_stage][0]
             if runtime.is_first:
                 for s, (_, stage_record) in enumerate(gathered):
-                    self._log_stats(s, stage_record)
-            self._emit_stats(_last_step_of_epoch(module.trainer))
+                    self._stage_stats.add(s, stage_record)
+            self._stage_stats.emit(module, last_step_of_epoch(module.trainer), self.global_rank == 0, self._share)
         metrics.replay(module, logged, states)
         return torch.tensor(value, dtype=torch.float32) if train else value
 
@@ -1707,17 +1579,12 @@ class PipelineStrategyMixin:
             busy_s=max(0.0, now - start - wait_s) + step_s,
             wait_s=wait_s,
             samples=samples,
-            cuda_peak_bytes=self._cuda_peak_bytes(),
+            cuda_peak_bytes=cuda_peak_bytes(self.root_device),
         )
         wall = now - (self._sync_clock if self._sync_clock is not None else start)
         self._sync_clock = now
-        self._stats_history.append(stats)
+        self._stage_stats.history.append(stats)
         return stats.as_tensor(wall).tolist()
-
-    def _cuda_peak_bytes(self) -> int:
-        """The peak CUDA allocation so far on this stage's GPU (-1 off GPU); the counter is the user's to reset."""
-        device = self.root_device
-        return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 
@@ -1857,7 +1724,7 @@ class PipelineStrategyMixin:
         choice = self._choose_order(costs)
         self.op_costs, self.order_choice, self._calibrations_left = costs, choice, 0
         engine.replan(choice.order)
-        self._version_difference = choice.version_difference
+        self._stage_stats.version_difference = choice.version_difference
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:

@@ -68,7 +68,7 @@ def test_stage_statistics_are_logged_once_per_window():
     """Rank 0 sums each stage's step records and logs them every log_every_n_steps steps and at the epoch end."""
     from types import SimpleNamespace
 
-    from lightning_timeprest import TiMePReStStrategy
+    from lightning_timeprest.stage_stats import StageStatistics
 
     logged: list[tuple[str, float, dict]] = []
 
@@ -77,13 +77,12 @@ def test_stage_statistics_are_logged_once_per_window():
             logged.append((name, float(value), kw))
 
     module = Module(device=torch.device("cpu"), trainer=SimpleNamespace(log_every_n_steps=3))
-    strategy = TiMePReStStrategy(schedule="timeprest_v")
-    strategy._lightning_module = module
+    stats = StageStatistics()
     # d_sum, d_count, d_max, versions, bytes, busy, wait, wall, samples, cuda peak (StepStats.as_tensor)
     records = [[2, 2, 1, 1, 100, 0.5, 0.1, 1.0, 8, -1], [0, 2, 0, 3, 300, 0.1, 0.2, 1.0, 8, -1]]
     for step in range(3):
-        strategy._log_stats(0, records[step % 2])
-        strategy._emit_stats(final=False)
+        stats.add(0, records[step % 2])
+        stats.emit(module, final=False, is_rank_zero=True, share=None)
         assert (logged == []) == (step < 2)  # nothing until the third step
     got = {name: (value, kw["reduce_fx"], kw["batch_size"]) for name, value, kw in logged}
     prefix = "pipeline/stage0/"
@@ -96,6 +95,6 @@ def test_stage_statistics_are_logged_once_per_window():
     assert prefix + "cuda_peak_bytes" not in got and "pipeline/v" in got
     # the epoch's last step logs what it has, whatever the window
     logged.clear()
-    strategy._log_stats(0, records[0])
-    strategy._emit_stats(final=True)
+    stats.add(0, records[0])
+    stats.emit(module, final=True, is_rank_zero=True, share=None)
     assert {name for name, _, _ in logged} >= {prefix + "idle_fraction", prefix + "staleness_mean"}
