@@ -52,12 +52,15 @@ def reference(
     order: NF1BOrder | None = None,
     clip_value: float | None = None,
     precision: str = "32-true",
+    max_steps: int | None = None,
+    losses: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The state dict after ``epochs`` epochs.
+    """The state dict after ``epochs`` epochs, or after ``max_steps`` mini-batches if that comes first.
 
     Each epoch is one stream of mini-batches in the static schedule (nF1B generated as ``order`` says), unless
     ``schedules`` gives the streams as run: one schedule per stream, in order, each covering as many mini-batches
-    as it has backwards (a stream ends at an epoch end, or earlier where the pipeline drained mid-epoch).
+    as it has backwards (a stream ends at an epoch end, or earlier where the pipeline drained mid-epoch). ``losses``,
+    if given, receives each mini-batch's loss (the size-weighted mean of its micro-batch losses), in order.
     """
     if precision not in ("32-true", "bf16-mixed"):
         raise ValueError(f"precision {precision!r}: the reference runs '32-true' or 'bf16-mixed'")
@@ -110,21 +113,24 @@ def reference(
 
     data = list(models.loader(batch_size))
     streams = iter(schedules) if schedules is not None else None
+    left = epochs * len(data) if max_steps is None else max_steps
     for _ in range(epochs):
         done = 0
-        while done < len(data):
+        while done < min(len(data), left):
             if streams is not None:
                 schedule = next(streams)
             elif policy == "pipedream":
-                schedule = pipedream_1f1b(w, len(data))
+                schedule = pipedream_1f1b(w, min(len(data), left))
             else:
-                schedule = nf1b(w, num_microbatches, len(data), order)
+                schedule = nf1b(w, num_microbatches, min(len(data), left), order)
             count = sum(op.kind is OpKind.BACKWARD for op in schedule.ops(0))
+            assert done + count <= left, f"a stream of {count} mini-batches goes past max_steps={max_steps}"
             _run_stream(
                 schedule, data[done : done + count], w, policy, rule, alpha, live, opts, run_stage, clip_value,
-                precision,
+                precision, losses,
             )  # fmt: skip
             done += count
+        left -= done
     out = {}
     for s in range(w):
         out.update({k: v.detach().clone() for k, v in live[s].items()})
@@ -170,7 +176,7 @@ def _weights_read_at_backward(leaves: dict[str, torch.Tensor], precision: str):
         yield casts
 
 
-def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, clip_value, precision) -> None:
+def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, clip_value, precision, losses) -> None:
     """One stream: every stage starts at version 0 (the pipeline was drained), runs the schedule op by op in the
     global slot order of its unit-slot simulation (any order that respects every dependency gives the same result)."""
     n = schedule.num_microbatches
@@ -194,7 +200,7 @@ def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, c
             else:
                 _backward(
                     s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts,
-                    clip_value,
+                    clip_value, losses,
                 )  # fmt: skip
 
 
@@ -236,7 +242,7 @@ def _backward_weights(s, v, version, history, policy, alpha) -> dict[str, torch.
 
 
 def _backward(
-    s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts, clip_value=None
+    s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts, clip_value, losses
 ) -> None:
     m = op.minibatch
     grads: dict[str, torch.Tensor] = {}
@@ -259,6 +265,8 @@ def _backward(
             term = rec["loss"] * (sizes[j] / sum(sizes))
             total = term if total is None else total + term
         total.backward()
+        if losses is not None:  # (the last stage's backwards run in mini-batch order)
+            losses.append(total.item())
         for j in range(n):
             collect(fwd[(s, m, j)]["leaves"])
     else:
