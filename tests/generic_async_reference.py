@@ -19,8 +19,12 @@ what a run recorded (its split points, each rank's op order). It runs the user's
   ``pipedream``: the forward's version (stashed); ``timeprest_i``: ``latest + alpha(d) (stashed - latest)``,
   ``d = m - forward's version``. The graph rule: the forward's graph is kept and the weights it saved read the
   backward weights when it runs (each forward reads its own leaf tensors; their values are overwritten before the
-  backward). The last stage runs the user's loss code on its output; a mini-batch's loss is the size-weighted mean
-  of its micro-batch losses. Each stage takes one step of its own optimizer per mini-batch, after its backward.
+  backward). That reaches what the graph saved of a weight itself or of a view of it; a tensor computed from a
+  weight in the forward (a cast, a copy) would keep the forward's values, here as in the strategy: the models
+  compared run in float64, where their layers save the weights themselves (under autocast they would not: see
+  tests/async_reference.py and test_precision). The last stage runs the user's loss code on its output; a
+  mini-batch's loss is the size-weighted mean of its micro-batch losses. Each stage takes one step of its own
+  optimizer per mini-batch, after its backward.
 
 Since the weights every op reads are fixed by the per-stage op order, the reference can run mini-batch by
 mini-batch, each as one forward and one backward of the whole model with every parameter's leaf holding its own
