@@ -10,10 +10,17 @@ Each stage keeps every version of its weights; a forward reads its version, a ba
 ``graph`` back-propagates through the forward's graph with its weight leaves overwritten by the backward
 weights; ``recompute`` reruns the stage on its input with the backward weights. The last stage always keeps its
 graph.
+
+``precision="bf16-mixed"`` runs every stage forward (the last stage's loss included, and the forward a
+``recompute`` backward reruns) under ``torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)``, the
+context Lightning's ``MixedPrecision("bf16-mixed", "cpu")`` plugin wraps a training step in; the backward and the
+optimizer step run outside it, as on one device. (The strategy runs its whole asynchronous step, backwards and
+steps included, inside the plugin's context: autocast changes only the forward ops, so both give the same.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -44,13 +51,19 @@ def reference(
     schedules: Sequence[Schedule] | None = None,
     order: NF1BOrder | None = None,
     clip_value: float | None = None,
+    precision: str = "32-true",
+    max_steps: int | None = None,
+    losses: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The state dict after ``epochs`` epochs.
+    """The state dict after ``epochs`` epochs, or after ``max_steps`` mini-batches if that comes first.
 
     Each epoch is one stream of mini-batches in the static schedule (nF1B generated as ``order`` says), unless
     ``schedules`` gives the streams as run: one schedule per stream, in order, each covering as many mini-batches
-    as it has backwards (a stream ends at an epoch end, or earlier where the pipeline drained mid-epoch).
+    as it has backwards (a stream ends at an epoch end, or earlier where the pipeline drained mid-epoch). ``losses``,
+    if given, receives each mini-batch's loss (the size-weighted mean of its micro-batch losses), in order.
     """
+    if precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"precision {precision!r}: the reference runs '32-true' or 'bf16-mixed'")
     seed_everything(0)
     model = models.StemNetHead(optimizer=optimizer)
     w = num_stages
@@ -79,6 +92,10 @@ def reference(
     ]
 
     def run_stage(s: int, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with _forward_context(precision):
+            return _run_stage(s, params, x)
+
+    def _run_stage(s: int, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if s == 0:
             x = torch.tanh(
                 functional_call(model.stem, {k[5:]: v for k, v in params.items() if k.startswith("stem.")}, (x,))
@@ -96,25 +113,70 @@ def reference(
 
     data = list(models.loader(batch_size))
     streams = iter(schedules) if schedules is not None else None
+    left = epochs * len(data) if max_steps is None else max_steps
     for _ in range(epochs):
         done = 0
-        while done < len(data):
+        while done < min(len(data), left):
             if streams is not None:
                 schedule = next(streams)
             elif policy == "pipedream":
-                schedule = pipedream_1f1b(w, len(data))
+                schedule = pipedream_1f1b(w, min(len(data), left))
             else:
-                schedule = nf1b(w, num_microbatches, len(data), order)
+                schedule = nf1b(w, num_microbatches, min(len(data), left), order)
             count = sum(op.kind is OpKind.BACKWARD for op in schedule.ops(0))
-            _run_stream(schedule, data[done : done + count], w, policy, rule, alpha, live, opts, run_stage, clip_value)
+            assert done + count <= left, f"a stream of {count} mini-batches goes past max_steps={max_steps}"
+            _run_stream(
+                schedule, data[done : done + count], w, policy, rule, alpha, live, opts, run_stage, clip_value,
+                precision, losses,
+            )  # fmt: skip
             done += count
+        left -= done
     out = {}
     for s in range(w):
         out.update({k: v.detach().clone() for k, v in live[s].items()})
     return out
 
 
-def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, clip_value) -> None:
+def _forward_context(precision: str) -> contextlib.AbstractContextManager:
+    """What Lightning's precision plugin wraps the training step in: ``MixedPrecision("bf16-mixed", "cpu")`` uses
+    ``torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)``."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _weights_read_at_backward(leaves: dict[str, torch.Tensor], precision: str):
+    """The weights a kept forward graph runs with, such that its backward reads what ``leaves`` hold then.
+
+    In float32 the graph saves the leaves themselves (or views of them), so writing the backward weights into the
+    leaves is enough. Under autocast it saves bfloat16 copies of them instead: here the forward runs on bfloat16
+    copies made in advance (the same rounding autocast would apply: every StemNetHead parameter feeds a linear
+    layer), and a saved-tensor hook gives the backward a bfloat16 copy of the leaf as it is at backward time, in
+    place of the copy made at forward time."""
+    if precision != "bf16-mixed":
+        yield leaves
+        return
+    casts = {k: t.to(torch.bfloat16) for k, t in leaves.items()}
+    source = {c.untyped_storage().data_ptr(): leaves[k] for k, c in casts.items()}
+
+    def pack(t: torch.Tensor):
+        leaf = source.get(t.untyped_storage().data_ptr()) if t.dtype == torch.bfloat16 else None
+        if leaf is None:
+            return t
+        return (leaf, t.size(), t.stride(), t.storage_offset())  # a view of the copy (a linear saves W.t())
+
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        leaf, size, stride, offset = saved
+        return leaf.detach().to(torch.bfloat16).as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield casts
+
+
+def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, clip_value, precision, losses) -> None:
     """One stream: every stage starts at version 0 (the pipeline was drained), runs the schedule op by op in the
     global slot order of its unit-slot simulation (any order that respects every dependency gives the same result)."""
     n = schedule.num_microbatches
@@ -134,15 +196,15 @@ def _run_stream(schedule, data, w, policy, rule, alpha, live, opts, run_stage, c
             if op is None:
                 continue
             if op.kind is OpKind.FORWARD:
-                _forward(s, op, w, version, history, entry, fwd, splits, run_stage, rule, policy)
+                _forward(s, op, w, version, history, entry, fwd, splits, run_stage, rule, policy, precision)
             else:
                 _backward(
                     s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts,
-                    clip_value,
+                    clip_value, losses,
                 )  # fmt: skip
 
 
-def _forward(s, op: Op, w, version, history, entry, fwd, splits, run_stage, rule, policy) -> None:
+def _forward(s, op: Op, w, version, history, entry, fwd, splits, run_stage, rule, policy, precision) -> None:
     m, j = op.minibatch, op.microbatch
     if j >= len(splits[m][1]):
         return
@@ -154,13 +216,15 @@ def _forward(s, op: Op, w, version, history, entry, fwd, splits, run_stage, rule
     v = entry[(m, j)] if FORWARD_RULE[policy] == "vertical" else version[s]
     leaves = {k: t.detach().clone().requires_grad_(True) for k, t in history[s][v].items()}
     if rule == "graph" or s == w - 1:
-        out = run_stage(s, leaves, x)
+        with _weights_read_at_backward(leaves, precision) as weights:
+            out = run_stage(s, weights, x)
     else:
         with torch.no_grad():
             out = run_stage(s, leaves, x)
     rec = {"v": v, "x": x, "out": out, "leaves": leaves}
-    if s == w - 1:
-        rec["loss"] = F.cross_entropy(out, splits[m][0][j][1])
+    if s == w - 1:  # the user's loss, in the training step: under the same autocast as the forward
+        with _forward_context(precision):
+            rec["loss"] = F.cross_entropy(out, splits[m][0][j][1])
     fwd[(s, m, j)] = rec
 
 
@@ -178,7 +242,7 @@ def _backward_weights(s, v, version, history, policy, alpha) -> dict[str, torch.
 
 
 def _backward(
-    s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts, clip_value=None
+    s, op, w, n, version, history, fwd, grad_in, splits, run_stage, rule, policy, alpha, live, opts, clip_value, losses
 ) -> None:
     m = op.minibatch
     grads: dict[str, torch.Tensor] = {}
@@ -201,6 +265,8 @@ def _backward(
             term = rec["loss"] * (sizes[j] / sum(sizes))
             total = term if total is None else total + term
         total.backward()
+        if losses is not None:  # (the last stage's backwards run in mini-batch order)
+            losses.append(total.item())
         for j in range(n):
             collect(fwd[(s, m, j)]["leaves"])
     else:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import time
 
+import models
 import pytest
 import torch
+import torch.nn.functional as F
 from async_reference import recorded_schedules, reference
 from conftest import assert_same_params, run_script, train, wait_for_ranks_to_exit
 from models import StemNetHead
@@ -135,32 +137,64 @@ def test_the_unit_order_replays_the_paper_grid(tmp_path):
     assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
 
 
-@pytest.mark.slow
-def test_training_moves_the_weights_and_logs_with_a_lag(tmp_path):
-    torch.manual_seed(0)
-    from lightning.pytorch import seed_everything
+def _reported(stage0: list[list[tuple]], steps: int) -> list[int | None]:
+    """Per training step, the mini-batch whose loss the step reports: the newest one stage 0 (the last to finish a
+    backward) has completed, numbered from the start of training (``None``: none yet). Step ``k`` of a stream runs
+    stage 0's ops from the forward of mini-batch ``k`` up to the forward of ``k + 1``; a stream's last step drains."""
+    out: list[int | None] = []
+    newest, first = None, 0
+    for stream in stage0:
+        count = sum(kind == "B" for kind, *_ in stream)
+        for k in range(count):
+            upto = next((i for i, (kind, m, j, _) in enumerate(stream) if (kind, m, j) == ("F", k + 1, 0)), None)
+            done = count if upto is None else sum(kind == "B" for kind, *_ in stream[:upto])
+            if done:
+                newest = first + done - 1
+            out.append(newest)
+        first += count
+    assert len(out) == steps
+    return out
 
-    seed_everything(0)
-    initial = StemNetHead().state_dict()
-    got = _run(tmp_path, "timeprest_i", 3, 2, "sgd", "graph")
-    assert any(not torch.equal(initial[k], got["state_dict"][k]) for k in initial)
-    losses = [s["train_loss_step"] for s in got["steps"]]
-    returned = [s["returned"] for s in got["steps"]]
-    # a mini-batch's loss is reported once it completed on every stage: the first steps have none yet
-    assert math.isnan(returned[0]) and all(not math.isnan(x) for x in returned[3:])
-    assert all(not math.isnan(x) for x in losses[3:])
-    # every mini-batch is logged exactly once per epoch (the drain at the epoch end logs the rest)
-    assert all(math.isfinite(e["train_loss_epoch"]) for e in got["epochs"])
-    # the stage records reach rank 0 late, and its values reach every rank: all log the same pipeline/ values
-    placements = [torch.load(tmp_path / f"timeprest_i-3.pt.rank{rank}") for rank in range(3)]
+
+@pytest.mark.slow
+def test_logged_losses_lag_and_equal_the_reference(tmp_path):
+    w, n = 3, 2
+    got = _run(tmp_path, "timeprest_i", w, n, "sgd", "graph")
+    schedules, _, _ = _streams_run(tmp_path, f"timeprest_i-{w}", w, n)
+    losses: list[float] = []
+    ref = reference("timeprest_i", w, n, epochs=2, schedules=schedules, losses=losses)
+    assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
+    # training_step returns the loss of the newest mini-batch completed on every stage, and what the step logged is
+    # replayed with it: NaN until the first one completes, then the reference's loss of that mini-batch
+    stage0 = torch.load(tmp_path / f"timeprest_i-{w}.pt.trace0")
+    reported = _reported(stage0, got["global_step"])
+    assert reported[0] is None and reported[5] == 5 and reported[11] == 11  # each epoch's last step drains
+    for step, m in zip(got["steps"], reported, strict=True):
+        for value in (step["returned"], step["train_loss_step"], step["logged"]):
+            if m is None:
+                assert math.isnan(value)
+            else:
+                assert value == pytest.approx(losses[m], rel=1e-6), (m, value)
+    # every mini-batch is logged exactly once per epoch (the drain at the epoch end logs the rest): the epoch's loss
+    # is their mean weighted by batch size (5 batches of 18 samples, one of 10)
+    sizes = [18] * 5 + [10]
+    for e, epoch in enumerate(got["epochs"]):
+        expected = sum(size * loss for size, loss in zip(sizes, losses[6 * e : 6 * e + 6], strict=True)) / 100
+        assert epoch["train_loss_epoch"] == pytest.approx(expected, rel=1e-6)
+    # the stage records reach rank 0 late, and its values reach every rank: all log the same pipeline/ values, the
+    # mean d of the last epoch's order on each stage
+    placements = [torch.load(tmp_path / f"timeprest_i-{w}.pt.rank{rank}") for rank in range(w)]
     seen = [p["pipeline"] for p in placements]
-    assert "pipeline/stage2/staleness_mean_epoch" in seen[0] and all(s == seen[0] for s in seen)
-    # strategy.stats: each stage's record of each step and of each drain (here one at each of the 2 epoch ends);
-    # the last stage's backwards read the live weights (d = 0), stage 0's are stale (d > 0 in the nF1B order)
-    for p in placements:
+    assert all(s == seen[0] for s in seen)
+    for s in range(w):
+        ds = staleness(schedules[-1])[s]
+        assert seen[0][f"pipeline/stage{s}/staleness_mean_epoch"] == pytest.approx(sum(ds) / len(ds))
+    # strategy.stats: each stage's record of each step and of each drain (here one at each of the 2 epoch ends),
+    # with the d of every micro-batch backward it ran: the d of the recorded orders, in order
+    for s, p in enumerate(placements):
         assert len(p["stats"]) == got["global_step"] + 2
-    assert {d for step in placements[2]["stats"] for d in step} == {0}
-    assert max(d for step in placements[0]["stats"] for d in step) > 0
+        assert [d for step in p["stats"] for d in step] == [d for sch in schedules for d in staleness(sch)[s]]
+    assert max(staleness(schedules[-1])[0]) > 0  # (stage 0's backwards are stale in this order)
 
 
 @pytest.mark.slow
@@ -218,10 +252,22 @@ def test_mid_epoch_validation_and_max_steps_drain(tmp_path, dynamic):
     """Validation drains the pipeline first; fit ending on max_steps mid-epoch drains on the last step. (Receives
     posted ahead, such as the next activation's, belong to the stage's communication, not to the engine: the
     validation forward takes the one the training stream left posted.)"""
-    args = ("--devices", "3", "--schedule", "timeprest_v", "--n", "2", "--val", "--max-steps", "8", "--epochs", "3")
+    w, n = 3, 2
+    args = ("--devices", str(w), "--schedule", "timeprest_v", "--n", str(n), "--val", "--max-steps", "8",
+            "--epochs", "3")  # fmt: skip
     got = train(tmp_path, "val", *args, *(("--dynamic",) if dynamic else ()))
     assert got["global_step"] == 8
-    assert math.isfinite(got["epochs"][0]["val_loss"])
+    # two streams: the first epoch's 6 mini-batches (drained before validation), then 2 (drained at max_steps)
+    schedules = recorded_schedules([torch.load(tmp_path / f"val.pt.trace{r}") for r in range(w)], w, n)
+    assert [sum(op.kind is OpKind.BACKWARD for op in s.ops(0)) for s in schedules] == [6, 2]
+    ref = reference("timeprest_v", w, n, epochs=2, schedules=schedules, max_steps=8)
+    assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
+    # the validation after the first epoch saw the model after its 6 updates: the reference's, on every sample
+    after_epoch = reference("timeprest_v", w, n, epochs=1, schedules=schedules[:1])
+    x, y = models.dataset().tensors
+    with torch.no_grad():
+        val_loss = F.cross_entropy(torch.func.functional_call(StemNetHead(), after_epoch, (x,)), y)
+    assert got["epochs"][0]["val_loss"] == pytest.approx(val_loss.item(), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from async_reference import recorded_schedules
 from conftest import assert_same_params, run_script, train
 from models import StemNetHead
+
+from lightning_timeprest.schedules import staleness, version_difference
 
 pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
 
@@ -46,20 +49,21 @@ def test_learning_rate_monitor_and_scheduler_with_the_csv_logger(tmp_path, refer
     args = ("--epochs", "1", "--scheduler", "step", "--lr-monitor")
     got = train(tmp_path, "lr", *args, "--devices", "2", "--schedule", "1f1b")
     # the scheduler stepped on every stage exactly as on one device
-    assert_same_params(got["state_dict"], reference(*args)["state_dict"])
+    expected = reference(*args)
+    assert_same_params(got["state_dict"], expected["state_dict"])
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     lrs = [float(r["lr-SGD"]) for r in rows if r.get("lr-SGD")]
     assert lrs == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]  # StepLR(step_size=2, gamma=0.5), logged per step
     losses = [float(r["train_loss_step"]) for r in rows if r.get("train_loss_step")]
-    assert len(losses) == 6 and all(loss > 0 for loss in losses)
+    assert losses == pytest.approx([step["train_loss_step"] for step in expected["steps"]], rel=1e-5)  # one device's
 
 
 def test_tensorboard_logger_receives_losses_and_pipeline_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(tmp_path, "tb", "--devices", "2", "--schedule", "timeprest_i", "--n", "2", "--epochs", "2", "--val",
-          "--logger", "tensorboard")  # fmt: skip
+    got = train(tmp_path, "tb", "--devices", "2", "--schedule", "timeprest_i", "--n", "2", "--epochs", "2", "--val",
+                "--logger", "tensorboard")  # fmt: skip
     events = sorted((tmp_path / "logs").rglob("events.out.tfevents*"))
     assert len(events) == 1  # rank 0 writes
     accumulator = EventAccumulator(str(events[0].parent))
@@ -67,7 +71,19 @@ def test_tensorboard_logger_receives_losses_and_pipeline_metrics(tmp_path):
     tags = set(accumulator.Tags()["scalars"])
     assert {"train_loss_step", "train_loss_epoch", "val_loss", "val_acc", "pipeline/v_epoch"} <= tags
     assert {"pipeline/stage0/staleness_mean_epoch", "pipeline/stage1/versions_held_epoch"} <= tags
-    assert len(accumulator.Scalars("train_loss_epoch")) == 2
+
+    # the values are the run's: its losses, and the staleness and v of the order each epoch ran
+    def values(tag: str) -> list[float]:
+        return [event.value for event in accumulator.Scalars(tag)]
+
+    assert values("train_loss_epoch") == pytest.approx([e["train_loss_epoch"] for e in got["epochs"]], rel=1e-6)
+    assert values("val_loss") == pytest.approx([e["val_loss"] for e in got["epochs"]], rel=1e-6)
+    schedules = recorded_schedules([torch.load(tmp_path / f"tb.pt.trace{r}") for r in range(2)], 2, 2)
+    assert len(schedules) == 2  # one stream per epoch
+    ds = [staleness(schedule)[0] for schedule in schedules]
+    assert values("pipeline/stage0/staleness_mean_epoch") == pytest.approx([sum(d) / len(d) for d in ds])
+    orders = torch.load(tmp_path / "tb.pt.orders0", weights_only=False)["orders"]
+    assert values("pipeline/v_epoch") == [version_difference(2, 2, order) for order in orders[:2]]
 
 
 def test_rich_progress_bar(tmp_path):

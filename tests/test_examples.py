@@ -3,6 +3,7 @@ of the strategy (its arguments are checked by LightningCLI's own parser)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -20,9 +21,14 @@ def _run(*cmd: str, timeout: float = 300, warnings: str = "ignore") -> subproces
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def test_every_yaml_the_readme_names_is_shipped():
+    """(The configurations are the parameters of the next test: without any, it would not run at all.)"""
+    named = set(re.findall(r"examples/configs/(\w+\.yaml)", (REPO / "README.md").read_text()))
+    assert named and named <= set(CONFIGS), named - set(CONFIGS)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_yaml_is_a_valid_configuration(config):
-    assert len(CONFIGS) >= 5
     proc = _run(
         sys.executable, "-m", "lightning_timeprest", "fit", "--config", f"examples/configs/{config}", "--print_config"
     )

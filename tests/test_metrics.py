@@ -78,6 +78,7 @@ def test_stage_statistics_are_logged_once_per_window():
 
     module = Module(device=torch.device("cpu"), trainer=SimpleNamespace(log_every_n_steps=3))
     stats = StageStatistics()
+    stats.version_difference = 2  # (set at fit start from the order in use)
     # d_sum, d_count, d_max, versions, bytes, busy, wait, wall, samples, cuda peak (StepStats.as_tensor)
     records = [[2, 2, 1, 1, 100, 0.5, 0.1, 1.0, 8, -1], [0, 2, 0, 3, 300, 0.1, 0.2, 1.0, 8, -1]]
     for step in range(3):
@@ -92,9 +93,10 @@ def test_stage_statistics_are_logged_once_per_window():
     assert got[prefix + "versions_held"] == (3, "max", 1) and got[prefix + "weight_bytes"] == (300, "max", 1)
     assert got[prefix + "staleness_mean"] == (pytest.approx(4 / 6), "mean", 6)  # weighted by backwards
     assert got[prefix + "staleness_max"] == (1, "max", 1)
-    assert prefix + "cuda_peak_bytes" not in got and "pipeline/v" in got
+    assert prefix + "cuda_peak_bytes" not in got and got["pipeline/v"] == (2.0, "max", 1)
     # the epoch's last step logs what it has, whatever the window
     logged.clear()
     stats.add(0, records[0])
     stats.emit(module, final=True, is_rank_zero=True, share=None)
-    assert {name for name, _, _ in logged} >= {prefix + "idle_fraction", prefix + "staleness_mean"}
+    got = {name: value for name, value, _ in logged}
+    assert got[prefix + "idle_fraction"] == pytest.approx(0.5) and got[prefix + "staleness_mean"] == 1.0

@@ -1,3 +1,6 @@
+import itertools
+from collections.abc import Sequence
+
 import pytest
 from torch import nn
 
@@ -15,15 +18,17 @@ def test_balance_by_cost_is_optimal_and_contiguous():
     assert balance_by_cost([1, 1, 1, 1], 2) == [2, 2]
     assert balance_by_cost([10, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [1, 9]
     assert balance_by_cost([4, 0, 4, 0, 4, 0, 4], 4) == [1, 2, 2, 2]
-    counts = balance_by_cost([3, 1, 4, 1, 5, 9, 2, 6], 3)
-    assert sum(counts) == 8 and min(counts) >= 1
-    # the optimum's largest stage: [3,1,4,1,5] = 14? no: [3,1,4,1]=9, [5,9]=14, [2,6]... best max is 14
-    runs, start = [], 0
     costs = [3, 1, 4, 1, 5, 9, 2, 6]
-    for c in counts:
-        runs.append(sum(costs[start : start + c]))
-        start += c
-    assert max(runs) == 14
+    counts = balance_by_cost(costs, 3)
+    assert sum(counts) == 8 and min(counts) >= 1
+
+    def largest(split: Sequence[int]) -> int:
+        ends = list(itertools.accumulate(split))
+        return max(sum(costs[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True))
+
+    # the largest stage is the smallest any contiguous split into 3 reaches (every split tried)
+    best = min(largest(split) for split in itertools.product(range(1, 7), repeat=3) if sum(split) == 8)
+    assert largest(counts) == best
 
 
 class Model(nn.Module):

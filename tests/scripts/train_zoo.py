@@ -4,7 +4,10 @@ under several schedules, one ``fit`` after another in the same processes; the te
 With ``--devices 0`` it trains on one device with the batch cut into ``--n`` micro-batches by the data loader and
 gradients accumulated over them: the single-device training the synchronous schedules must equal, batch-norm
 statistics included (they are per micro-batch in a pipeline). Rank 0 saves, per model and schedule, the final
-state dict, the partition table and the logged metrics.
+state dict, the partition table, the split points (the first block of each stage after the first, from the table),
+the batches stage 0 trained on, in order, and the logged metrics; every rank saves the names of the parameters its
+optimizer holds and the ops it ran (``strategy.trace``, asynchronous policies), for
+tests/generic_async_reference.py to replay.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import sys
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -56,6 +59,28 @@ def model_and_data(name: str, samples: int, loss: str = "model") -> tuple[torch.
     return model, data
 
 
+class Record(Callback):
+    """What the asynchronous reference replays: stage 0's batches (rank 0), this rank's parameters and its ops."""
+
+    def __init__(self) -> None:
+        self.batches: list = []
+        self.held: list[str] = []
+        self.trace: list = []
+
+    def on_train_start(self, trainer, pl_module):
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self.held = [names[id(p)] for g in trainer.optimizers[0].param_groups for p in g["params"]]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append([t.detach().cpu().clone() for t in batch])
+
+    def on_train_end(self, trainer, pl_module):  # (every stream drained: the last step of the epoch drains)
+        self.trace = [
+            [(e.op.kind.value, e.op.minibatch, e.op.microbatch, e.version) for e in stream]
+            for stream in getattr(trainer.strategy, "trace", [])
+        ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     models = "vgg16|resnet50|gpt|demo-transformer|hf-FAMILY (tests/hf_models.py), several separated by commas"
@@ -95,8 +120,10 @@ def main() -> None:
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{args.out}.{name}.initial.pt")
         loader = DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
         val = DataLoader(data, batch_size=args.batch_size) if args.val else None
+        record = Record()
         trainer = Trainer(
             **kw,
+            callbacks=[record],
             accelerator="cpu",
             precision=args.precision,
             max_epochs=1,
@@ -109,15 +136,21 @@ def main() -> None:
             enable_model_summary=False,
         )
         trainer.fit(model, loader, val)
+        table = getattr(trainer.strategy, "partition_table", None)
         if trainer.is_global_zero:
             torch.save(
                 {
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    "table": getattr(trainer.strategy, "partition_table", None),
+                    "table": table,
+                    # a stage's layers read "first .. last (count)" or "only": each later stage begins at its first
+                    "split_points": [row[1].split(" .. ")[0] for row in table[2:]] if table else None,
+                    "batches": record.batches,
                     "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
                 },
                 f"{out}.pt",
             )
+        if args.devices > 0:
+            torch.save({"held": record.held, "trace": record.trace}, f"{out}.rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
