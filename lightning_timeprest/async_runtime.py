@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -321,7 +321,8 @@ class AsyncRuntime:
             record.pinned = True
         if keep_graph:
             record.leaves = self.store.leaves_for(version)
-            user_out, out = self._stage_forward(mb, j, inputs, record.leaves)
+            with _recasting(record.leaves.leaves) if _autocasting() else nullcontext():
+                user_out, out = self._stage_forward(mb, j, inputs, record.leaves)
         else:
             with torch.no_grad():
                 user_out, out = self._stage_forward(mb, j, inputs, self.store.leaves_for(version))
@@ -520,6 +521,47 @@ def _reading_all(
     values, _ = store.backward_values(policy, first.version, alpha)
     with store.reading(first, values), _reading_all(store, policy, alpha, rest):
         yield
+
+
+def _autocasting() -> bool:
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
+class _Recast:
+    """A low-precision copy of a weight leaf (or a view of one) that a forward's graph saved, remade at backward."""
+
+    __slots__ = ("dtype", "leaf", "view")
+
+    def __init__(self, leaf: Tensor, dtype: torch.dtype, view: tuple[Any, ...] | None) -> None:
+        self.leaf, self.dtype, self.view = leaf, dtype, view
+
+
+def _recasting(leaves: Sequence[Tensor]) -> AbstractContextManager:
+    """Under autocast an op casts each weight to bfloat16/float16 and its graph saves that copy, not the weight, so
+    the graph rule (which makes the saved weights read the backward weights by swapping the leaves' data) would not
+    reach it: the backward would read the forward's weights whatever the policy. Saved copies of ``leaves`` (and
+    views of them) are therefore not kept but cast again from the leaf at backward time, when it holds the backward
+    weights. Where those equal the forward's (d = 0) the copy is the same as the one the forward made."""
+    ids = {id(t) for t in leaves}
+
+    def pack(t: Tensor) -> Any:
+        base = t._base if t._base is not None else t
+        fn = base.grad_fn
+        if fn is None or fn.name() != "ToCopyBackward0" or not fn.next_functions:
+            return t
+        leaf = getattr(fn.next_functions[0][0], "variable", None)
+        if leaf is None or id(leaf) not in ids or leaf.dtype == base.dtype:
+            return t
+        view = (t.size(), t.stride(), t.storage_offset()) if t is not base else None
+        return _Recast(leaf, base.dtype, view)
+
+    def unpack(saved: Any) -> Tensor:
+        if not isinstance(saved, _Recast):
+            return saved
+        copy = saved.leaf.detach().to(saved.dtype)
+        return copy.as_strided(*saved.view) if saved.view is not None else copy
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _rng_state() -> tuple[Tensor, list[Tensor]]:
