@@ -125,12 +125,9 @@ def make_probe(warmup: int) -> Any:
             strategy = trainer.strategy
             self.device = strategy.root_device
             self.strategy = strategy
-            # internal: which storages hold stashed weight versions, so that they do not count as activations
-            self.engine = strategy._engine
             params = [p for p in pl_module.parameters() if not p.is_meta]
             self.param_bytes = sum(p.numel() * p.element_size() for p in params)
-            self.weight_storages = {p.untyped_storage().data_ptr() for p in params}
-            runner = strategy._runtime.module
+            runner = strategy.stage_runner
             run_layers = runner.run_layers
             runner.run_layers = lambda x: self.forward(run_layers, x)
 
@@ -138,10 +135,8 @@ def make_probe(warmup: int) -> Any:
             """One micro-batch through the stage's layers: count what it keeps for its backward."""
             if not torch.is_grad_enabled():
                 return run_layers(x)
-            weights = set(self.weight_storages)
-            if self.engine is not None:  # a forward may read a stashed version (vertical sync)
-                for snapshot in self.engine.store.snapshots.values():
-                    weights.update(t.untyped_storage().data_ptr() for t in snapshot)
+            # every weight version the stage holds (a forward may read a stashed one): not activations
+            weights = {t.untyped_storage().data_ptr() for t in self.strategy.held_weights()}
             kept: dict[tuple[int, int, torch.dtype], int] = {}
 
             def keep(t: torch.Tensor) -> None:
@@ -188,7 +183,7 @@ def make_probe(warmup: int) -> Any:
                 torch.cuda.synchronize(self.device)
                 cuda_peak = torch.cuda.max_memory_allocated(self.device)
             in_flight_order = None
-            if self.engine is not None:
+            if self.strategy.is_asynchronous:
                 stats = self.strategy.stats
                 versions = max(s.versions_held for s in stats)
                 weight_bytes = max(s.weight_bytes for s in stats)

@@ -151,23 +151,6 @@ def worker(args: argparse.Namespace) -> None:
         def setup(self, trainer, pl_module, stage):  # on every rank, before the model is partitioned
             pin(trainer.local_rank, args)
 
-        def on_train_start(self, trainer, pl_module):
-            strategy = trainer.strategy
-            for attr in ("_sync_stats_record", "_stats_record"):  # the records behind pipeline/stage{s}/...
-                take = getattr(strategy, attr, None)
-                if take is not None:
-                    setattr(strategy, attr, self._keep(trainer, take))
-
-        def _keep(self, trainer, take):
-            def keep(*a, **kw):
-                record = take(*a, **kw)
-                if trainer.global_step >= self.warmup:
-                    self.busy += float(record[5])
-                    self.wall += float(record[7])
-                return record
-
-            return keep
-
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == self.warmup:
                 if torch.cuda.is_available():
@@ -182,6 +165,9 @@ def worker(args: argparse.Namespace) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.seconds = time.perf_counter() - self.start
+            # the stage's busy and wall seconds after warm-up, from its records (those behind pipeline/stage{s}/...)
+            records = [r for r in getattr(trainer.strategy, "stats", []) if r.step >= self.warmup]
+            self.busy, self.wall = sum(r.busy_s for r in records), sum(r.wall_s for r in records)
             clock = getattr(trainer.strategy, "op_clock", None)
             self.costs = clock.medians() if clock is not None else None
             choice = getattr(trainer.strategy, "order_choice", None)

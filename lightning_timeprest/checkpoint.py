@@ -28,20 +28,56 @@ from lightning_timeprest.errors import CheckpointError
 
 __all__ = [
     "META_FILE",
+    "ORDER_KEY",
     "CheckpointError",
     "canonical_param_names",
+    "check_state_dict",
     "consolidate",
     "consolidate_optimizer_states",
     "is_sharded",
     "local_optimizer_state",
     "merge_state_dicts",
     "named_optimizer_state",
+    "own_state",
     "shard_file",
+    "write_shard",
 ]
 
 #: in a sharded checkpoint (a directory): Lightning's checkpoint without the model and optimizer states, plus what
 #: consolidating needs; each stage's states are in :func:`shard_file`
 META_FILE = "meta.pt"
+#: the checkpoint entry holding the op costs the nF1B order was generated from
+ORDER_KEY = "timeprest_order"
+
+
+def own_state(module: nn.Module, holders: Mapping[str, set[int]], stage: int, num_stages: int) -> dict[str, Tensor]:
+    """The state-dict entries ``stage`` contributes: those it is the last holder of (a replicated entry comes from
+    the latest stage that holds it: the last stage ran every user step to its end, so its replicated buffers, e.g. a
+    head's batch-norm statistics, are the up-to-date ones)."""
+    everyone = set(range(num_stages))
+    return {k: v.detach().cpu() for k, v in module.state_dict().items() if max(holders.get(k, everyone)) == stage}
+
+
+def check_state_dict(state: Mapping[str, Any], own: Sequence[str], known: Sequence[str]) -> None:
+    """A strict load: every key this stage holds (``own``) is there, and nothing the model lacks (``known``)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in set(known)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the checkpoint does not match the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+
+
+def write_shard(
+    checkpoint: dict[str, Any], directory: Path, stage: int, num_stages: int, layout: Mapping[str, Any] | None
+) -> None:
+    """Write one stage's model and optimizer states of a sharded checkpoint into ``directory``, and with ``layout``
+    (rank 0) the rest of the checkpoint and what consolidating needs."""
+    shard = {"state_dict": checkpoint.pop("state_dict"), "optimizer_states": checkpoint.pop("optimizer_states")}
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(shard, directory / shard_file(stage, num_stages))
+    if layout is not None:
+        torch.save({**checkpoint, "timeprest_shards": dict(layout)}, directory / META_FILE)
 
 
 def canonical_param_names(module: nn.Module, aliases: Mapping[str, str]) -> dict[int, str]:

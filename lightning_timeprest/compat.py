@@ -26,18 +26,22 @@ __all__ = [
     "Pipe",
     "after_closure",
     "annotate_split_points",
+    "apply_to_tensors",
+    "buffer_table",
     "call_hooks",
     "causal_mask_check",
     "data_source",
     "disable_distributed_sampler",
     "metric_bookkeeping",
     "optimizers_to_device",
+    "parameter_table",
     "pytree",
     "restore_sigterm_handling",
     "scaler_found_inf",
     "set_causal_mask_check",
     "set_metric_bookkeeping",
     "skip_closure_backward",
+    "submodule_table",
     "take_over_sigterm_handling",
     "update_properties",
 ]
@@ -134,6 +138,28 @@ def set_metric_bookkeeping(metric: Any, update_count: int, forward_cache: Any, c
 
 #: The dtype/device assertion ``torch.export`` records for ``.to()`` calls.
 ASSERT_TENSOR_METADATA = torch.ops.aten._assert_tensor_metadata.default
+
+
+def apply_to_tensors(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``module._apply(fn)``: move or convert every parameter and buffer in place, as ``.to()`` does, with a
+    function that may leave some as they are (a stage's released tensors stay on the meta device)."""
+    module._apply(fn)
+
+
+def parameter_table(module: torch.nn.Module) -> dict[str, Any]:
+    """``module._parameters``: the module's own parameters by name, to replace or remove one in place (placing a
+    stage releases other stages' tensors; ``register_parameter`` refuses to overwrite or to take meta twins)."""
+    return module._parameters
+
+
+def buffer_table(module: torch.nn.Module) -> dict[str, Any]:
+    """``module._buffers``, as :func:`parameter_table`."""
+    return module._buffers
+
+
+def submodule_table(module: torch.nn.Module) -> dict[str, Any]:
+    """``module._modules``: the module's children by name, including ones ``named_children`` hides (duplicates)."""
+    return module._modules
 
 
 def scaler_found_inf(scaler: Any, optimizer: Any) -> dict[Any, torch.Tensor]:

@@ -58,6 +58,8 @@ class PipelineLink:
     counted_elsewhere: Callable[[], set[int]]
     #: average this stage's gradients over the data-parallel replicas of the pipeline (as DDP does in backward)
     average_over_replicas: Callable[[list[Tensor]], None]
+    #: the user's gradient hooks are overridden: what they log is sent to the logging rank(s)
+    share_hook_logs: bool = False
 
 
 class PipelinePrecision(Precision):
@@ -310,6 +312,11 @@ class PipelinePrecision(Precision):
                 scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return skipped
+
+    @property
+    def shares_hook_logs(self) -> bool:
+        """Whether what the user's gradient hooks log is gathered from every stage (they override one)."""
+        return self.link is not None and self.link.share_hook_logs
 
     # -- what the hooks log ------------------------------------------------------------------------------------------
 

@@ -38,8 +38,12 @@ class StepStats:
     wait_s: float = 0.0
     samples: int = 0
     cuda_peak_bytes: int = -1  # the step's peak CUDA allocation on this stage's GPU (-1: not on a GPU)
+    wall_s: float = 0.0  # seconds since this stage's previous record (set by as_tensor)
+    step: int = -1  # the trainer's global step when the record was taken
 
     def as_tensor(self, wall_s: float) -> Tensor:
+        """The record as rank 0 sums it (see ``StageStatistics.add``), over ``wall_s`` seconds."""
+        self.wall_s = wall_s
         d = self.staleness
         return torch.tensor(
             [

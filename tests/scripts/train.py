@@ -66,9 +66,10 @@ class Record(Callback):
         self.pipeline.append({k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("pipeline/")})
 
     def on_train_end(self, trainer, pl_module):
-        engine = getattr(trainer.strategy, "_engine", None)
+        engine = getattr(trainer.strategy, "async_runtime", None)
         if engine is not None:
             self.learning_rates = list(engine.learning_rates)
+            self.skipped = engine.skipped
             self.trace = [
                 [(e.op.kind.value, e.op.minibatch, e.op.microbatch, e.version) for e in t]
                 for t in trainer.strategy.trace
@@ -347,8 +348,7 @@ def main() -> None:
         }
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         record.placement["scale"] = float(scaler.get_scale()) if scaler is not None else None
-        engine = getattr(trainer.strategy, "_engine", None)
-        record.placement["skipped"] = engine.skipped if engine is not None else None
+        record.placement["skipped"] = getattr(record, "skipped", None)
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")

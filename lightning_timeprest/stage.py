@@ -1,0 +1,140 @@
+"""One rank's stage of a running pipeline: what the synchronous and asynchronous drivers share.
+
+Built by the strategy at setup, once the stage is placed and its process groups exist; dropped at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+
+from lightning_timeprest.groups import ProcessGroups
+from lightning_timeprest.placement import Placement
+from lightning_timeprest.precision import PipelinePrecision
+from lightning_timeprest.runtime import PipelineRuntime
+from lightning_timeprest.stage_stats import StageStatistics
+
+__all__ = ["Stage", "loss_of", "weighted_loss"]
+
+
+def loss_of(output: Any) -> Tensor:
+    """The loss in what ``training_step`` returned (the tensor, or a dict's ``"loss"``)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    if output is None:
+        raise RuntimeError(
+            "training_step returned None on the last stage; skipping a batch is not possible in a pipeline (the "
+            "earlier stages have already run it): return the loss"
+        )
+    raise RuntimeError(f"training_step must return the loss tensor or a dict with a 'loss' key, got {type(output)}")
+
+
+def weighted_loss(outputs: Sequence[Any], sizes: Sequence[int]) -> float:
+    """A mini-batch's loss: the mean of its micro-batch losses weighted by micro-batch size (SPEC). A Python float:
+    it pickles and unpickles much faster than a tensor."""
+    losses = torch.stack([loss_of(o).detach().double().cpu() for o in outputs])
+    return float(((losses * torch.tensor(sizes, dtype=torch.float64)).sum() / sum(sizes)).float())
+
+
+@dataclass
+class Stage:
+    """This rank's stage: where it sits, what it holds, how it talks and what it records."""
+
+    index: int  # s, this rank's stage
+    num_stages: int  # W
+    num_replicas: int  # D
+    global_rank: int
+    device: torch.device
+    num_microbatches: int  # N
+    runtime: PipelineRuntime
+    groups: ProcessGroups
+    placement: Placement
+    replicated_local: list[nn.Parameter | None]  # this rank's copy of each replicated parameter (None: not held)
+    precision: PipelinePrecision
+    stats: StageStatistics
+
+    @property
+    def last_stage(self) -> int:
+        return self.num_stages - 1
+
+    @property
+    def comm(self) -> Any:
+        return self.runtime.comm
+
+    def share_from_rank_zero(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a broadcast over all ranks)."""
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0, group=self.groups.world)
+        return shared[0]
+
+    @property
+    def share(self) -> Any:
+        """:meth:`share_from_rank_zero`, or ``None`` with one process (nothing to share)."""
+        return self.share_from_rank_zero if self.num_stages * self.num_replicas > 1 else None
+
+    def stage0_batch(self, batch: Any) -> Any:
+        """Give the last stage stage 0's batch: the labels that train must be those of the inputs that entered.
+
+        Every rank iterates its own DataLoader (Lightning drives the loop everywhere), but random samplers or
+        augmentations would draw differently per rank; stage 0's copy is the one that counts.
+        """
+        runtime = self.runtime
+        if runtime.is_first and not runtime.is_last:  # never waits: the last stage may be behind
+            runtime.comm.isend_value(move_data_to_device(batch, "cpu"), self.last_stage)
+        elif runtime.is_last and not runtime.is_first:
+            batch = move_data_to_device(runtime.comm.recv_value(0), self.device)
+        return batch
+
+    def average_over_replicas(self, params: Sequence[Tensor]) -> None:
+        """Average this stage's gradients over the data-parallel replicas (one flat all-reduce), as DDP does."""
+        group = self.groups.replicas
+        grads = [p.grad for p in params if p.grad is not None]
+        if group is None or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= self.num_replicas
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sync_replicated(self, module: nn.Module) -> None:
+        """Make every replicated tensor identical on all stages that hold it (the lowest holder's values win)."""
+        if self.num_stages == 1:
+            return
+        replicated = self.placement.replicated
+        pairs: list[tuple[Tensor | None, int, torch.Size, torch.dtype]] = [
+            (p, r.source, r.shape, r.dtype) for r, p in zip(replicated, self.replicated_local, strict=True)
+        ]
+        buffers = dict(module.named_buffers())
+        pairs += [(buffers.get(n), src, shape, dtype) for n, src, shape, dtype in self.placement.replicated_buffers]
+        with torch.no_grad():
+            for tensor, source, shape, dtype in pairs:
+                wire = tensor.detach().cpu() if tensor is not None else torch.empty(shape, dtype=dtype)
+                self.comm.broadcast_tensor(wire, source)
+                if tensor is not None:
+                    tensor.copy_(wire)
+
+    def sync_replicas(self, module: nn.Module) -> None:
+        """Start every replica of a stage from replica 0's tensors (as DDP broadcasts rank 0's model)."""
+        group = self.groups.replicas
+        if group is None:
+            return
+        with torch.no_grad():
+            for tensor in module.state_dict().values():
+                if isinstance(tensor, Tensor) and not tensor.is_meta:
+                    dist.broadcast(tensor, src=self.index, group=group)
+
+    def counted_elsewhere(self) -> set[int]:
+        """Ids of this rank's replicated parameter copies whose gradient another stage counts in a global norm."""
+        pairs = zip(self.placement.replicated, self.replicated_local, strict=True)
+        return {id(p) for r, p in pairs if p is not None and r.source != self.index}
