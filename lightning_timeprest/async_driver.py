@@ -38,7 +38,7 @@ from lightning_timeprest.stage import Stage, loss_of, weighted_loss
 from lightning_timeprest.stage_stats import cuda_peak_bytes, last_step_of_epoch
 from lightning_timeprest.versions import POLICIES
 
-__all__ = ["CALIBRATION_STEPS", "AsyncDriver", "Ledger", "OrderState", "choose_nf1b_order"]
+__all__ = ["CALIBRATION_STEPS", "AsyncDriver", "Ledger", "OrderState", "check_untied", "choose_nf1b_order"]
 
 #: With measured op costs, the nF1B order is re-derived from the op times measured in the steps since the previous
 #: drain, at every drain; at the start of training the pipeline drains for it twice, after this many steps each
@@ -80,6 +80,19 @@ def choose_nf1b_order(config: PipelineConfig, num_stages: int, num_microbatches:
         f"micro-batches and max_inflight={cap} v={choice.version_difference}. Use max_inflight <= "
         f"{max(fine, default=1)}, leave it unset (the fastest order with v = 1 is chosen), or schedule='timeprest_i'"
     )
+
+
+def check_untied(tied: list[str]) -> None:
+    """Refuse parameters read by blocks on several stages: an asynchronous policy cannot keep their copies equal."""
+    if tied:
+        raise PipelineConfigError(
+            f"parameters {tied[:3]} are read by blocks on several stages (tied weights); the asynchronous policies "
+            "update each stage at its own time and cannot keep such copies equal. Ways out: a balance or "
+            "split_points that puts every block reading them on one stage (for an encoder-decoder's shared "
+            "embedding, the decoder's embedding on the encoder's stage); untying them (a Hugging Face model: "
+            "tie_word_embeddings=False in its config gives the output layer its own weight); or schedule='gpipe' "
+            "or '1f1b', which keep the copies equal"
+        )
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -25,6 +25,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_timeprest.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from lightning_timeprest.stage import Stage
 
 __all__ = [
     "META_FILE",
@@ -34,7 +37,11 @@ __all__ = [
     "check_state_dict",
     "consolidate",
     "consolidate_optimizer_states",
+    "gather_optimizer_state",
+    "gather_state_dict",
     "is_sharded",
+    "load_stage_optimizer_states",
+    "load_stage_state",
     "local_optimizer_state",
     "merge_state_dicts",
     "named_optimizer_state",
@@ -56,6 +63,51 @@ def own_state(module: nn.Module, holders: Mapping[str, set[int]], stage: int, nu
     head's batch-norm statistics, are the up-to-date ones)."""
     everyone = set(range(num_stages))
     return {k: v.detach().cpu() for k, v in module.state_dict().items() if max(holders.get(k, everyone)) == stage}
+
+
+def gather_state_dict(module: nn.Module, stage: Stage, sharded: bool) -> dict[str, Tensor]:
+    """The whole model's state dict on rank 0 of the pipeline (gathered from all stages), empty elsewhere; with
+    ``sharded``, this stage's own entries on every rank."""
+    placement = stage.placement
+    own = own_state(module, placement.holders, stage.index, stage.num_stages)
+    if sharded:
+        return own
+    parts = stage.comm.gather_objects(own)
+    return merge_state_dicts(parts, placement.state_keys) if parts is not None else {}
+
+
+def gather_optimizer_state(
+    optimizer: Optimizer, module: nn.Module, stage: Stage, owners: Sequence[int] | None, sharded: bool
+) -> dict[str, Any]:
+    """The whole-model optimizer state on rank 0 (gathered from all stages), empty elsewhere; with ``sharded``,
+    this stage's. ``owners``: the stage that trains each replicated parameter (asynchronous policies), whose state
+    is the one kept."""
+    placement = stage.placement
+    named = named_optimizer_state(optimizer, canonical_param_names(module, placement.aliases))
+    for r, owner in zip(placement.replicated, owners or [], strict=False):
+        if owner != stage.index:
+            named["state"].pop(r.name, None)
+    if sharded:
+        return named
+    parts = stage.comm.gather_objects(named)
+    return consolidate_optimizer_states(parts, placement.param_order) if parts is not None else {}
+
+
+def load_stage_state(module: nn.Module, state: Mapping[str, Tensor], known: Sequence[str], strict: bool) -> None:
+    """Load this stage's entries of a whole-model ``state`` (checked against the model's keys, ``known``)."""
+    own = list(module.state_dict().keys())
+    if strict:
+        check_state_dict(state, own, known)
+    module.load_state_dict({k: v for k, v in state.items() if k in set(own)}, strict=strict)
+
+
+def load_stage_optimizer_states(
+    optimizers: Sequence[Optimizer], saved: Sequence[Mapping[str, Any]], module: nn.Module, aliases: Mapping[str, str]
+) -> None:
+    """Load each optimizer's entries for this stage's parameters from whole-model optimizer states."""
+    names = canonical_param_names(module, aliases)
+    for optimizer, state in zip(optimizers, saved, strict=True):
+        optimizer.load_state_dict(local_optimizer_state(optimizer, state, names))
 
 
 def check_state_dict(state: Mapping[str, Any], own: Sequence[str], known: Sequence[str]) -> None:

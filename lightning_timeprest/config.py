@@ -52,6 +52,20 @@ class PipelineConfig:
             return max(2, num_stages - 1)
         return 2 * num_stages
 
+    def check_trainer(self, trainer: Any, module: Any, fitting: bool) -> None:
+        """What the Trainer and the LightningModule ask for that a pipeline cannot do (checked at setup)."""
+        if fitting and not module.automatic_optimization:
+            raise PipelineConfigError(
+                "manual optimization (automatic_optimization = False) is not supported by pipeline strategies: the "
+                "pipeline runs the forward and backward passes itself; use automatic optimization"
+            )
+        if fitting and self.is_asynchronous and trainer.accumulate_grad_batches != 1:
+            raise PipelineConfigError(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} does not apply to {self.schedule!r}: "
+                "an asynchronous policy steps every stage once per mini-batch inside the pipeline; remove it (or use "
+                "a larger batch)"
+            )
+
 
 def _positive(name: str, value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or int(value) < 1):

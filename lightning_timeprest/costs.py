@@ -16,15 +16,17 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_timeprest.partition import BlockCosts
 from lightning_timeprest.schedules import OpCosts
 
-__all__ = ["OpClock", "agreed_costs", "stage_costs", "time_optimizer_step"]
+__all__ = ["OpClock", "agreed_costs", "measure_op_costs", "stage_costs", "time_optimizer_step"]
 
 
 @dataclass
@@ -115,6 +117,29 @@ def time_optimizer_step(
             if r:
                 times.append(time.perf_counter() - start)
     return sorted(times)[1] * total / size
+
+
+def measure_op_costs(
+    blocks: BlockCosts,
+    balance: Sequence[int],
+    optimizer: Optimizer,
+    params: Sequence[Tensor],
+    device: torch.device,
+    stage: int,
+    num_replicas: int,
+    group: Any,
+) -> OpCosts:
+    """Every stage's op costs, from the block profile (agreed by all ranks at placement) and a timed optimizer step
+    on each stage, agreed over ``group`` (all ranks; ``None`` for one stage): the same costs on every rank. Uniform
+    costs where the blocks were not profiled."""
+    num_stages = len(balance)
+    step = torch.zeros(num_stages, dtype=torch.float64)
+    step[stage] = time_optimizer_step(optimizer, list(params), device)
+    if group is not None:  # every replica's copy of a stage measured it: take their mean
+        dist.all_reduce(step, group=group)
+        step /= num_replicas
+    measured = stage_costs(blocks, balance, step.tolist())
+    return measured.rounded() if measured is not None else OpCosts.uniform(num_stages)
 
 
 def _sync(device: torch.device) -> None:

@@ -154,6 +154,20 @@ class PipelinePrecision(Precision):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.wrapped.on_load_checkpoint(checkpoint)
 
+    def save_state(self, checkpoint: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        """Keep this plugin's state in ``checkpoint`` under the name of the plugin the user chose (``state``
+        instead, where given), so that one device, or plain DDP, resumes from it as its own."""
+        saved = checkpoint.pop(type(self).__qualname__, None)
+        saved = state if state is not None else saved
+        if saved:
+            checkpoint[type(self.wrapped).__qualname__] = saved
+
+    def rename_loaded_state(self, checkpoint: dict[str, Any]) -> None:
+        """The reverse of :meth:`save_state` on a loaded checkpoint: Lightning restores a plugin's state from the
+        entry named after its class."""
+        if type(self.wrapped).__qualname__ in checkpoint:
+            checkpoint[type(self).__qualname__] = checkpoint.pop(type(self.wrapped).__qualname__)
+
     @override
     def teardown(self) -> None:
         self.link = None

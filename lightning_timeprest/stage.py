@@ -14,6 +14,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from lightning_timeprest.checkpoint import canonical_param_names
 from lightning_timeprest.groups import ProcessGroups
 from lightning_timeprest.placement import Placement
 from lightning_timeprest.precision import PipelinePrecision
@@ -60,6 +61,41 @@ class Stage:
     replicated_local: list[nn.Parameter | None]  # this rank's copy of each replicated parameter (None: not held)
     precision: PipelinePrecision
     stats: StageStatistics
+
+    @classmethod
+    def on(
+        cls,
+        module: nn.Module,
+        placement: Placement,
+        runtime: PipelineRuntime,
+        groups: ProcessGroups,
+        precision: PipelinePrecision,
+        stats: StageStatistics,
+        num_replicas: int,
+        global_rank: int,
+        num_microbatches: int,
+    ) -> Stage:
+        """The stage of ``module`` once placed and on its device; its replicated tensors are made equal on every
+        stage, and every replica starts from replica 0's."""
+        names = canonical_param_names(module, placement.aliases)
+        by_name = {names[id(p)]: p for p in module.parameters()}
+        stage = cls(
+            index=runtime.stage,
+            num_stages=runtime.num_stages,
+            num_replicas=num_replicas,
+            global_rank=global_rank,
+            device=runtime.comm.device,
+            num_microbatches=num_microbatches,
+            runtime=runtime,
+            groups=groups,
+            placement=placement,
+            replicated_local=[by_name.get(r.name) for r in placement.replicated],
+            precision=precision,
+            stats=stats,
+        )
+        stage.sync_replicated(module)
+        stage.sync_replicas(module)
+        return stage
 
     @property
     def last_stage(self) -> int:

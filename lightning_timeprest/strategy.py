@@ -41,11 +41,17 @@ from typing_extensions import override
 
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest import compat
-from lightning_timeprest.async_driver import CALIBRATION_STEPS, AsyncDriver, OrderState, choose_nf1b_order
+from lightning_timeprest.async_driver import (
+    CALIBRATION_STEPS,
+    AsyncDriver,
+    OrderState,
+    check_untied,
+    choose_nf1b_order,
+)
 from lightning_timeprest.async_runtime import AsyncRuntime, TraceEntry
 from lightning_timeprest.comm import PipelineCommError, StageComm
 from lightning_timeprest.config import PipelineConfig, pipeline_config
-from lightning_timeprest.costs import OpClock, stage_costs, time_optimizer_step
+from lightning_timeprest.costs import OpClock, measure_op_costs
 from lightning_timeprest.errors import PipelineConfigError
 from lightning_timeprest.groups import ProcessGroups, create_groups, destroy_groups
 from lightning_timeprest.partition import format_table
@@ -201,35 +207,6 @@ class PipelineStrategyMixin:
         return self.config.schedule
 
     @property
-    def balance(self) -> list[int] | str | None:
-        return self.config.balance
-
-    @property
-    def module_name(self) -> str | None:
-        return self.config.module_name
-
-    @property
-    def split_points(self) -> list[str] | None:
-        return self.config.split_points
-
-    @property
-    def sharded_checkpoint(self) -> bool:
-        return self.config.sharded_checkpoint
-
-    @property
-    def p2p_timeout(self) -> timedelta:
-        return self.config.p2p_timeout
-
-    @property
-    def max_inflight(self) -> int | None:
-        return self.config.max_inflight
-
-    @property
-    def alpha(self) -> Callable[[int], float]:
-        """I-TiMePReSt's significance function ``alpha(d)``."""
-        return self.config.alpha
-
-    @property
     def op_costs(self) -> OpCosts | None:
         """The op costs the nF1B order was generated from and the ideal is computed with (set at fit start)."""
         return self._order.op_costs
@@ -358,7 +335,7 @@ class PipelineStrategyMixin:
         self.accelerator.setup(trainer)
         module = self.lightning_module
         fitting = trainer.state.fn == "fit"
-        self._check_supported(trainer, module, fitting)
+        self.config.check_trainer(trainer, module, fitting)
         self._stage_stats.clear()
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see Stage.stage0_batch).
@@ -394,9 +371,9 @@ class PipelineStrategyMixin:
             stage=self.stage,
             num_stages=self.num_stages,
             world_size=self.world_size,
-            module_name=self.module_name,
-            split_points=self.split_points,
-            balance=self.balance,
+            module_name=self.config.module_name,
+            split_points=self.config.split_points,
+            balance=self.config.balance,
             num_microbatches=self.num_microbatches,
             device=self.root_device,
             devices=self.parallel_devices or [],
@@ -407,7 +384,7 @@ class PipelineStrategyMixin:
         placement = self._placement = place(module, spec)
         self.partition_table = placement.table
         backend = self._get_process_group_backend()
-        comm = StageComm(self.stage, self._groups.pipeline, self.root_device, self.p2p_timeout, backend)
+        comm = StageComm(self.stage, self._groups.pipeline, self.root_device, self.config.p2p_timeout, backend)
         runtime = PipelineRuntime(self.stage, self.num_stages, placement.runner, comm)
         rank_zero_info(
             f"{type(self).__name__}: schedule={self.schedule_name}, stages={self.num_stages}, micro-batches="
@@ -418,25 +395,11 @@ class PipelineStrategyMixin:
         self.model_to_device()
         if hasattr(placement.runner, "rebind"):
             placement.runner.rebind()  # device moves and conversions may have replaced buffers
-        names = ckpt.canonical_param_names(module, placement.aliases)
-        by_name = {names[id(p)]: p for p in module.parameters()}
-        stage = Stage(
-            index=self.stage,
-            num_stages=self.num_stages,
-            num_replicas=self.num_replicas,
-            global_rank=self.global_rank,
-            device=self.root_device,
-            num_microbatches=self.num_microbatches,
-            runtime=runtime,
-            groups=self._groups,
-            placement=placement,
-            replicated_local=[by_name.get(r.name) for r in placement.replicated],
-            precision=self.precision_plugin,
-            stats=self._stage_stats,
-        )
-        stage.sync_replicated(module)
-        stage.sync_replicas(module)
-        self._stage, self._sync = stage, SyncDriver(stage, self.schedule_name)
+        self._stage = Stage.on(
+            module, placement, runtime, self._groups, self.precision_plugin, self._stage_stats, self.num_replicas,
+            self.global_rank, self.num_microbatches,
+        )  # fmt: skip
+        self._sync = SyncDriver(self._stage, self.schedule_name)
 
     def _link_precision(self, trainer: Any) -> None:
         """Connect the precision hook to this pipeline (see :mod:`lightning_timeprest.precision`)."""
@@ -474,49 +437,23 @@ class PipelineStrategyMixin:
                 "parameter groups as you like); several optimizers or none are not supported"
             )
 
-    def _check_supported(self, trainer: Any, module: Any, fitting: bool) -> None:
-        if fitting and not module.automatic_optimization:
-            raise PipelineConfigError(
-                "manual optimization (automatic_optimization = False) is not supported by pipeline strategies: the "
-                "pipeline runs the forward and backward passes itself; use automatic optimization"
-            )
-        if fitting and self.is_asynchronous and trainer.accumulate_grad_batches != 1:
-            raise PipelineConfigError(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} does not apply to {self.schedule_name!r}: "
-                "an asynchronous policy steps every stage once per mini-batch inside the pipeline; remove it (or use "
-                "a larger batch)"
-            )
-
     def _start_async(self, module: Any) -> None:
         placement = self._placement
         assert placement is not None and self._stage is not None
-        if placement.tied:
-            raise PipelineConfigError(
-                f"parameters {placement.tied[:3]} are read by blocks on several stages (tied weights); the "
-                "asynchronous policies update each stage at its own time and cannot keep such copies equal. Ways out: "
-                "a balance or split_points that puts every block reading them on one stage (for an encoder-decoder's "
-                "shared embedding, the decoder's embedding on the encoder's stage); untying them (a Hugging Face "
-                "model: tie_word_embeddings=False in its config gives the output layer its own weight); or "
-                "schedule='gpipe' or '1f1b', which keep the copies equal"
-            )
+        check_untied(placement.tied)
         self._async = AsyncDriver(self._stage, self.config, module, self.optimizers[0], self._order)
         # each stage update runs Lightning's backward and step hooks itself (the precision hook's stage_update)
         compat.skip_closure_backward(module.trainer, True)
 
     def _measure_costs(self) -> None:
-        """Each stage's op costs (given, or from the block profile and a timed optimizer step), agreed by all
-        ranks, and for an nF1B policy the order they give."""
-        assert self._placement is not None and self._groups is not None
-        costs = self.config.op_costs
-        if costs is None:
-            step = torch.zeros(self.num_stages, dtype=torch.float64)
-            params = [p for p in self.lightning_module.parameters() if not p.is_meta]
-            step[self.stage] = time_optimizer_step(self.optimizers[0], params, self.root_device)
-            if self.num_stages > 1:  # every replica's copy of a stage measured it: take their mean
-                dist.all_reduce(step, group=self._groups.world)
-                step /= self.num_replicas
-            measured = stage_costs(self._placement.block_costs, self._placement.plan.balance, step.tolist())
-            costs = measured.rounded() if measured is not None else OpCosts.uniform(self.num_stages)
+        """Each stage's op costs, agreed by all ranks, and for an nF1B policy the order they give."""
+        module, placement, groups = self.lightning_module, self._placement, self._groups
+        assert module is not None and placement is not None and groups is not None
+        params = [p for p in module.parameters() if not p.is_meta]
+        costs = self.config.op_costs or measure_op_costs(
+            placement.block_costs, placement.plan.balance, self.optimizers[0], params, self.root_device,
+            self.stage, self.num_replicas, groups.world if self.num_stages > 1 else None,
+        )  # fmt: skip
         if costs.num_stages != self.num_stages:
             raise PipelineConfigError(
                 f"op_costs lists {costs.num_stages} stages for a {self.num_stages}-stage pipeline; give one "
@@ -534,10 +471,9 @@ class PipelineStrategyMixin:
         assert self._groups is not None
         # how many steps rank 0 may run ahead of the others (it waits for their backwards); a synchronous step ends
         # on every rank before the next one starts
-        lag = 2 * self.num_stages + 4 + (self.max_inflight or 0) if self.is_asynchronous else 2
-        groups = self._groups
-        self._sigterm = SigtermAgreement(groups.sigterm, self.global_rank, self.world_size, lag, self.p2p_timeout,
-                                         groups.world)  # fmt: skip
+        lag = 2 * self.num_stages + 4 + (self.config.max_inflight or 0) if self.is_asynchronous else 2
+        groups, timeout = self._groups, self.config.p2p_timeout
+        self._sigterm = SigtermAgreement(groups.sigterm, self.global_rank, self.world_size, lag, timeout, groups.world)
         self._sigterm.install(trainer, self.launcher.kill if self.launcher is not None else None)
 
     # -- what the strategy can tell ------------------------------------------------------------------------
@@ -692,7 +628,9 @@ class PipelineStrategyMixin:
             return
         merged: dict[str, Tensor] = {}
         if gather and self.num_stages > 1:
-            parts = stage.comm.all_gather_objects(self._own_state())
+            parts = stage.comm.all_gather_objects(
+                ckpt.own_state(module, placement.holders, self.stage, self.num_stages)
+            )
             merged = {k: v for part in parts for k, v in part.items()}
         unplace(placement, module, merged)
         self._placement = self._stage = self._sync = self._async = None
@@ -706,21 +644,14 @@ class PipelineStrategyMixin:
         # needs the full checkpoint in its tensors
         return True
 
-    def _own_state(self) -> dict[str, Tensor]:
-        assert self._placement is not None and self.lightning_module is not None
-        return ckpt.own_state(self.lightning_module, self._placement.holders, self.stage, self.num_stages)
-
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full model's state dict on rank 0 (gathered from all stages), empty on the other ranks; with
         ``sharded_checkpoint``, this stage's entries on every rank."""
-        if self._stage is None or self._placement is None:
+        if self._stage is None:
             return super().lightning_module_state_dict()
         self._drain()
-        if self.sharded_checkpoint:
-            return self._own_state()
-        parts = self._stage.comm.gather_objects(self._own_state())
-        return ckpt.merge_state_dicts(parts, self._placement.state_keys) if parts is not None else {}
+        return ckpt.gather_state_dict(self.lightning_module, self._stage, self.config.sharded_checkpoint)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
@@ -729,21 +660,13 @@ class PipelineStrategyMixin:
         After ``fit`` (``trainer.save_checkpoint`` in the user's script) the stages are gone: the state gathered
         at teardown is returned.
         """
-        module, stage, placement = self.lightning_module, self._stage, self._placement
         optimizer = getattr(optimizer, "_optimizer", optimizer)
-        if stage is None or placement is None:
+        if self._stage is None:
             return self._final_optimizer_states.get(id(optimizer), {})
-        assert module is not None
         self._drain()
-        named = ckpt.named_optimizer_state(optimizer, ckpt.canonical_param_names(module, placement.aliases))
-        if self._async is not None:  # a replicated parameter's state is that of the stage that trains it
-            for r, owner in zip(placement.replicated, self._async.owners, strict=True):
-                if owner != self.stage:
-                    named["state"].pop(r.name, None)
-        if self.sharded_checkpoint:
-            return named
-        parts = stage.comm.gather_objects(named)
-        return ckpt.consolidate_optimizer_states(parts, placement.param_order) if parts is not None else {}
+        owners = self._async.owners if self._async is not None else None
+        sharded = self.config.sharded_checkpoint
+        return ckpt.gather_optimizer_state(optimizer, self.lightning_module, self._stage, owners, sharded)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
@@ -754,7 +677,7 @@ class PipelineStrategyMixin:
         if costs is not None and self.order_choice is not None:
             checkpoint[ORDER_KEY] = {"op_costs": [list(costs.forward), list(costs.backward), list(costs.step)]}
         self._save_precision_state(checkpoint)
-        if not (self.sharded_checkpoint and self._placement is not None):
+        if not (self.config.sharded_checkpoint and self._placement is not None):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         if self.replica == 0:
             layout = {
@@ -767,16 +690,14 @@ class PipelineStrategyMixin:
         self.barrier("sharded checkpoint written")
 
     def _save_precision_state(self, checkpoint: dict[str, Any]) -> None:
-        """Save the precision plugin's state under the name of the plugin the user chose (a checkpoint that one
-        device, or plain DDP, resumes from as its own). Under the asynchronous policies the loss scale is the last
-        stage's (it scales every loss; the other stages unscale by what it sent)."""
-        plugin = self.precision_plugin
-        state = checkpoint.pop(type(plugin).__qualname__, None)
+        plugin, stage = self.precision_plugin, self._stage
         scaler = plugin.scaler
-        if self._async is not None and scaler is not None and scaler.is_enabled() and self._stage is not None:
-            state = self._stage.comm.broadcast_object(plugin.state_dict(), self.last_stage)
-        if state:
-            checkpoint[type(plugin.wrapped).__qualname__] = state
+        # under the asynchronous policies the loss scale is the last stage's (it scales every loss)
+        if self._async is not None and scaler is not None and scaler.is_enabled() and stage is not None:
+            last = stage.comm.broadcast_object(plugin.state_dict(), self.last_stage)
+            plugin.save_state(checkpoint, last)
+        else:
+            plugin.save_state(checkpoint)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -784,33 +705,26 @@ class PipelineStrategyMixin:
             checkpoint = ckpt.consolidate(checkpoint_path)
         else:
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        plugin = self.precision_plugin  # Lightning restores the plugin's state from its class's entry
-        if type(plugin.wrapped).__qualname__ in checkpoint:
-            checkpoint[type(plugin).__qualname__] = checkpoint.pop(type(plugin.wrapped).__qualname__)
+        self.precision_plugin.rename_loaded_state(checkpoint)
         return checkpoint
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        assert module is not None and self._placement is not None
-        state, own = checkpoint["state_dict"], module.state_dict().keys()
-        if strict:
-            ckpt.check_state_dict(state, list(own), self._placement.state_keys)
-        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+        assert self._placement is not None
+        ckpt.load_stage_state(self.lightning_module, checkpoint["state_dict"], self._placement.state_keys, strict)
         saved = checkpoint.get(ORDER_KEY)
         if saved is not None and self._async is not None:  # continue in the order of the run that wrote it
             self._async.restore_order(OpCosts(*(tuple(c) for c in saved["op_costs"])))
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        module = self.lightning_module
-        assert module is not None and self._placement is not None
-        names = ckpt.canonical_param_names(module, self._placement.aliases)
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            optimizer.load_state_dict(ckpt.local_optimizer_state(optimizer, saved, names))
+        assert self._placement is not None
+        saved = checkpoint["optimizer_states"]
+        ckpt.load_stage_optimizer_states(self.optimizers, saved, self.lightning_module, self._placement.aliases)
         compat.optimizers_to_device(self.optimizers, self.root_device)
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name in SCHEDULES:
             if name not in strategy_registry:
