@@ -5,7 +5,7 @@ Built by the strategy at setup, once the stage is placed and its process groups 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lightning_timeprest.checkpoint import canonical_param_names
 from lightning_timeprest.groups import ProcessGroups
 from lightning_timeprest.placement import Placement
-from lightning_timeprest.precision import PipelinePrecision
+from lightning_timeprest.precision import PipelineLink, PipelinePrecision
 from lightning_timeprest.runtime import PipelineRuntime
 from lightning_timeprest.stage_stats import StageStatistics
 
@@ -169,6 +169,27 @@ class Stage:
             for tensor in module.state_dict().values():
                 if isinstance(tensor, Tensor) and not tensor.is_meta:
                     dist.broadcast(tensor, src=self.index, group=group)
+
+    def precision_link(
+        self, asynchronous: bool, install_gradients: Callable[[], None], share_hook_logs: bool
+    ) -> PipelineLink:
+        """What the precision hook needs from this stage (see :mod:`lightning_timeprest.precision`)."""
+        copies = self.counted_elsewhere()
+
+        def all_reduce(tensor: Tensor, op: str) -> None:
+            reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+            dist.all_reduce(tensor, op=reduce_op, group=self.groups.pipeline.control)
+
+        return PipelineLink(
+            stage=self.index,
+            num_stages=self.num_stages,
+            asynchronous=asynchronous,
+            install_gradients=install_gradients,
+            all_reduce=all_reduce,
+            counted_elsewhere=lambda: copies,
+            average_over_replicas=self.average_over_replicas,
+            share_hook_logs=share_hook_logs,
+        )
 
     def counted_elsewhere(self) -> set[int]:
         """Ids of this rank's replicated parameter copies whose gradient another stage counts in a global norm."""

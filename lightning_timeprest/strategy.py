@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.accelerators import Accelerator
@@ -56,7 +55,7 @@ from lightning_timeprest.errors import PipelineConfigError
 from lightning_timeprest.groups import ProcessGroups, create_groups, destroy_groups
 from lightning_timeprest.partition import format_table
 from lightning_timeprest.placement import Placement, PlacementSpec, parameters_on_meta, place, unplace
-from lightning_timeprest.precision import PipelineLink, PipelinePrecision, uses_gradient_hooks
+from lightning_timeprest.precision import PipelinePrecision, uses_gradient_hooks
 from lightning_timeprest.runtime import PipelineRuntime, StageRunner
 from lightning_timeprest.schedules import SCHEDULES, OpCosts, OrderChoice
 from lightning_timeprest.sigterm import SigtermAgreement
@@ -403,24 +402,10 @@ class PipelineStrategyMixin:
 
     def _link_precision(self, trainer: Any) -> None:
         """Connect the precision hook to this pipeline (see :mod:`lightning_timeprest.precision`)."""
-        stage, sync = self._stage, self._sync
-        assert stage is not None and sync is not None
-        copies = stage.counted_elsewhere()
-        self.precision_plugin.link = PipelineLink(
-            stage=self.stage,
-            num_stages=self.num_stages,
-            asynchronous=self.is_asynchronous,
-            install_gradients=sync.install_gradients,
-            all_reduce=self._all_reduce_stages,
-            counted_elsewhere=lambda: copies,
-            average_over_replicas=stage.average_over_replicas,
-            share_hook_logs=self.num_stages > 1 and uses_gradient_hooks(trainer, self.lightning_module),
-        )
-
-    def _all_reduce_stages(self, tensor: Tensor, op: str) -> None:
-        assert self._groups is not None
-        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-        dist.all_reduce(tensor, op=reduce_op, group=self._groups.pipeline.control)
+        assert self._stage is not None and self._sync is not None
+        hook_logs = self.num_stages > 1 and uses_gradient_hooks(trainer, self.lightning_module)
+        link = self._stage.precision_link(self.is_asynchronous, self._sync.install_gradients, hook_logs)
+        self.precision_plugin.link = link
 
     @override
     def setup_optimizers(self, trainer: Any) -> None:
