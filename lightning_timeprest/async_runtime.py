@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 
+from lightning_timeprest import compat
 from lightning_timeprest.comm import PipelineCommError, StageComm
 from lightning_timeprest.costs import OpClock
 from lightning_timeprest.runtime import StageRunner, through_stage
@@ -545,7 +546,7 @@ def _recasting(leaves: Sequence[Tensor]) -> AbstractContextManager:
     ids = {id(t) for t in leaves}
 
     def pack(t: Tensor) -> Any:
-        base = t._base if t._base is not None else t
+        base = compat.view_base(t)
         fn = base.grad_fn
         if fn is None or fn.name() != "ToCopyBackward0" or not fn.next_functions:
             return t

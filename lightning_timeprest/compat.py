@@ -2,7 +2,10 @@
 
 Checked against lightning 2.6.6, torchmetrics 1.9.0 and torch 2.13.0 (the versions CI installs). A new release of
 one of them may move or rename any of these; this module is where to look first when an upgrade breaks the
-strategy, and the only module that names them.
+strategy, and the only module that names them, with one exception: the strategy class, a ``DDPStrategy``
+subclass, overrides ``_get_process_group_backend`` and the ``parallel_devices`` and ``precision_plugin``
+properties, and so reads the base class's own ``_parallel_devices``, ``_precision_plugin``,
+``_process_group_backend`` and ``_timeout``, as Lightning's own strategies do.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "after_closure",
     "annotate_split_points",
     "apply_to_tensors",
+    "assert_async",
     "buffer_table",
     "call_hooks",
     "causal_mask_check",
@@ -35,6 +39,7 @@ __all__ = [
     "metric_bookkeeping",
     "optimizers_to_device",
     "parameter_table",
+    "pipe_from_traced",
     "pytree",
     "restore_sigterm_handling",
     "scaler_found_inf",
@@ -44,6 +49,7 @@ __all__ = [
     "submodule_table",
     "take_over_sigterm_handling",
     "update_properties",
+    "view_base",
 ]
 
 # -- lightning (fabric and pytorch) ---------------------------------------------------------------------------
@@ -160,6 +166,22 @@ def buffer_table(module: torch.nn.Module) -> dict[str, Any]:
 def submodule_table(module: torch.nn.Module) -> dict[str, Any]:
     """``module._modules``: the module's children by name, including ones ``named_children`` hides (duplicates)."""
     return module._modules
+
+
+def view_base(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a view was made from (``tensor._base``), or the tensor itself when it is not a view."""
+    return tensor._base if tensor._base is not None else tensor
+
+
+def assert_async(condition: torch.Tensor, message: str) -> None:
+    """``torch._assert_async``: an assertion that stays in a traced graph (checked when the graph runs)."""
+    torch._assert_async(condition, message)
+
+
+def pipe_from_traced(module: torch.nn.Module, program: Any) -> Any:
+    """``Pipe._from_traced``: torch.distributed.pipelining's split of an exported program at its annotated split
+    points, with parameters used by several stages replicated."""
+    return Pipe._from_traced(module, program, MultiUseParameterConfig.REPLICATE)
 
 
 def scaler_found_inf(scaler: Any, optimizer: Any) -> dict[Any, torch.Tensor]:

@@ -235,7 +235,7 @@ def trace(
         except Exception as err:
             raise _explain(err, what) from err
         try:
-            pipe = compat.Pipe._from_traced(module, program, compat.MultiUseParameterConfig.REPLICATE)
+            pipe = compat.pipe_from_traced(module, program)
         except Exception as err:
             raise PartitionError(
                 f"torch.distributed.pipelining could not split {what} at {list(boundaries)}: {err}"
@@ -295,7 +295,7 @@ def _causal_masks_resolved(module: nn.Module, args: tuple[Any, ...], kwargs: dic
             return original(mask, is_causal, size)
         causal = causal_mask(size if size is not None else mask.size(-2), device=mask.device, dtype=mask.dtype)
         if mask.size() == causal.size():
-            torch._assert_async(
+            compat.assert_async(
                 (mask == causal).all() == answer,
                 f"an attention mask was traced as {'' if answer else 'not '}causal and is now the opposite; pass "
                 "is_causal= (tgt_is_causal=) explicitly, or the same kind of mask in every step",
@@ -481,7 +481,7 @@ class TracedStage(StageRunner):
                     continue
                 parent_path, _, attr = path.rpartition(".")
                 parent = block.get_submodule(parent_path) if parent_path else block
-                parent._modules[attr] = original
+                compat.submodule_table(parent)[attr] = original
 
     def _follow_training_mode(self) -> None:
         """Make the dropout the trace recorded (functional dropout, attention dropout inside
@@ -533,7 +533,7 @@ class TracedStage(StageRunner):
                 block.__dict__["_reads"] = [
                     f"{path}.{k}" if path else k
                     for path, sub in block.named_modules()
-                    for table in (sub._parameters, sub._buffers)
+                    for table in (compat.parameter_table(sub), compat.buffer_table(sub))
                     for k, v in table.items()
                     if v is not None
                 ]
