@@ -1,9 +1,8 @@
-"""Shared helpers: run tests/scripts/train.py in a subprocess (Lightning's popen launcher then starts the other
-ranks by re-running it) and load what rank 0 saved."""
+"""Shared helpers: run tests/scripts/train.py as one job's processes (see processes.py) and load what rank 0
+saved."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,37 +11,39 @@ from typing import Any
 
 import pytest
 import torch
+from processes import clean_env, run_job
+
+__all__ = ["clean_env"]
 
 SCRIPT = Path(__file__).parent / "scripts" / "train.py"
 REPO = Path(__file__).parent.parent
 
 
-def clean_env() -> dict[str, str]:
-    """The environment for a fresh run: in-process Trainers of other tests leave the variables of a launched rank
-    behind, and a new run must not mistake itself for one."""
-    # (OMP_NUM_THREADS too: Lightning sets it for a one-process run, and a forked rank that inherits 2 OpenMP
-    # threads from a parent that already used them can deadlock in libgomp)
-    launched = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
-    launched |= {"OMP_NUM_THREADS"}
-    env = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith("PL_")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    return env
+def _flag(args: tuple[str, ...], name: str, default: int) -> int:
+    return int(args[args.index(name) + 1]) if name in args else default
 
 
 def run_script(
-    tmp_path: Path, *args: str, timeout: float = 240, check: bool = True, env: dict[str, str] | None = None
+    tmp_path: Path,
+    *args: str,
+    timeout: float = 240,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    launcher: str = "forked",
+    script: Path = SCRIPT,
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=tmp_path,
-        env={**clean_env(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run ``script`` (train.py unless told) with ``--devices`` processes (2 unless told; 0: one process, no
+    strategy). ``launcher="forked"`` forks the job's processes and starts its ranks at once (processes.py);
+    ``"lightning"`` starts rank 0 as a fresh interpreter and lets Lightning's popen launcher start the rest."""
+    env = {**clean_env(), **(env or {})}
+    if launcher == "forked" and _flag(args, "--num-nodes", 1) == 1:
+        proc = run_job(script, list(args), _flag(args, "--devices", 2), cwd=tmp_path, env=env, timeout=timeout)
+    else:
+        argv = [sys.executable, str(script), *args]
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"train.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            f"{script.name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
 

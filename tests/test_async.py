@@ -273,7 +273,7 @@ def test_a_stage_that_dies_mid_epoch_ends_every_rank(tmp_path, dynamic):
     start = time.monotonic()
     args = ["--devices", "3", "--schedule", "timeprest_i", "--n", "2", "--epochs", "3", "--die-rank", "1"]
     args += ["--die-step", "4", "--out", out] + (["--dynamic"] if dynamic else [])
-    proc = run_script(tmp_path, *args, check=False, timeout=120)
+    proc = run_script(tmp_path, *args, check=False, timeout=120, launcher="lightning")
     assert proc.returncode != 0
     wait_for_ranks_to_exit(out)
     assert time.monotonic() - start < 120

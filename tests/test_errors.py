@@ -93,7 +93,7 @@ def test_a_failing_stage_ends_every_rank(tmp_path, rank, how):
     start = time.monotonic()
     args = ("--devices", "2", "--epochs", "3", "--die-rank", str(rank), "--die-step", "3", "--out", out)
     env = {"TEST_RAISE": "1"} if how == "raises" else {}
-    proc = run_script(tmp_path, *args, check=False, timeout=120, env=env)
+    proc = run_script(tmp_path, *args, check=False, timeout=120, launcher="lightning", env=env)
     assert proc.returncode != 0
     wait_for_ranks_to_exit(out)
     assert time.monotonic() - start < 120
@@ -116,7 +116,8 @@ def test_sigterm_on_rank_0_stops_every_rank(tmp_path, schedule):
     out = tmp_path / "term.pt"
     start = time.monotonic()
     args = ("--devices", "3", "--schedule", schedule, "--n", "2", "--epochs", "3", "--batch-size", "6")
-    run_script(tmp_path, *args, "--sigterm-step", "4", "--out", str(out), check=False, timeout=120)
+    args += ("--sigterm-step", "4", "--out", str(out))
+    run_script(tmp_path, *args, check=False, timeout=120, launcher="lightning")
     wait_for_ranks_to_exit(str(out))
     assert time.monotonic() - start < 120
     stopped = [(tmp_path / f"term.pt.stopped{r}").read_text().split() for r in range(3)]

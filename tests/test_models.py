@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import generic_async_reference
 import pytest
 import torch
-from conftest import clean_env
+from conftest import run_script
 from lightning.pytorch import seed_everything
 
 from lightning_timeprest import SCHEDULES
@@ -92,16 +90,7 @@ def check_against_async_reference(
 
 
 def run_zoo(tmp_path: Path, *args: str, timeout: float = 420) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"train_zoo.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_script(tmp_path, *args, timeout=timeout, script=SCRIPT)
 
 
 # each model once (the suite's time): the CNNs at W = 2 (a cut through ResNet's residuals), GPT at W = 4 (three

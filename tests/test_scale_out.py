@@ -5,23 +5,17 @@ launcher, torchrun or SLURM would start them."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import SCRIPT, assert_same_params, clean_env, train
+from processes import free_port
 
 pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
 
 PIPELINE = ["--stages", "2", "--epochs", "2", "--optimizer", "adam"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_together(tmp_path, commands: list[tuple[list[str], dict[str, str]]], timeout: float = 300) -> None:
@@ -53,7 +47,7 @@ def test_two_nodes_with_lightnings_launcher(tmp_path, ddp_reference):
     """One launch per node with NODE_RANK and the master's address (LightningEnvironment); each node's launcher
     starts its second process."""
     out = tmp_path / "nodes.pt"
-    env = {**clean_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**clean_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     argv = [sys.executable, str(SCRIPT), "--devices", "2", "--num-nodes", "2", *PIPELINE, "--out", str(out)]
     _run_together(tmp_path, [(argv, {**env, "NODE_RANK": str(n)}) for n in range(2)])
     assert_same_params(torch.load(out, weights_only=False)["state_dict"], ddp_reference["state_dict"])
@@ -67,7 +61,7 @@ def test_two_nodes_under_torchrun(tmp_path, ddp_reference):
     """torchrun starts every process itself (TorchElasticEnvironment)."""
     out = tmp_path / "torchrun.pt"
     run = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]  # fmt: skip
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
     script = [str(SCRIPT), "--devices", "2", "--num-nodes", "2", *PIPELINE, "--out", str(out)]
     _run_together(tmp_path, [([*run, "--node-rank", str(n), *script], clean_env()) for n in range(2)])
     assert_same_params(torch.load(out, weights_only=False)["state_dict"], ddp_reference["state_dict"])
@@ -79,7 +73,7 @@ def test_two_nodes_under_slurm(tmp_path, ddp_reference):
     job = {
         **clean_env(), "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2",
         "SLURM_JOB_NAME": "pipeline-test", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }  # fmt: skip
     tasks = [
         {**job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i % 2), "SLURM_NODEID": str(i // 2)} for i in range(4)

@@ -1,7 +1,8 @@
 """Train tests/models.py's StemNetHead with a Lightning Trainer; the tests run this script in a subprocess.
 
-With ``--devices > 0`` it uses a pipeline strategy (Lightning's popen launcher re-runs this script once per
-rank); with ``--devices 0`` it trains on one device, the reference. Rank 0 saves what the tests compare.
+With ``--devices > 0`` it uses a pipeline strategy (the tests start every rank of the job at once, or let
+Lightning's popen launcher re-run this script once per rank); with ``--devices 0`` it trains on one device, the
+reference. Rank 0 saves what the tests compare.
 """
 
 from __future__ import annotations
