@@ -48,16 +48,18 @@ def run_script(
     return proc
 
 
-def train(tmp_path: Path, name: str, *args: str) -> dict[str, Any]:
+def train(tmp_path: Path, name: str, *args: str, launcher: str = "forked") -> dict[str, Any]:
     out = tmp_path / f"{name}.pt"
-    run_script(tmp_path, *args, "--out", str(out))
+    run_script(tmp_path, *args, "--out", str(out), launcher=launcher)
     return torch.load(out, weights_only=False)
 
 
-def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+def assert_same_params(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5, rtol: float = 1e-4
+) -> None:
     assert list(a) == list(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="session")

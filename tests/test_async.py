@@ -83,7 +83,7 @@ def test_matches_single_process_reference(tmp_path, policy, w, n, optimizer, rul
     ref = reference(policy, w, n, optimizer=optimizer, rule=rule, epochs=2, schedules=schedules)
     params = {k: v for k, v in got["state_dict"].items() if k in ref}
     assert set(params) == set(ref)
-    assert_same_params(ref, params)
+    assert_same_params(ref, params, atol=1e-6, rtol=1e-6)  # equal but for float32 rounding (measured: <= 6e-8)
     assert got["global_step"] == 12
     pipeline = got["pipeline"][-1]
     last = schedules[-1]

@@ -75,7 +75,9 @@ def test_resume_continues_exactly(pipelined_run, tmp_path, empty_init):
 @pytest.mark.parametrize("start_method", ["spawn", "fork"])
 def test_launchers_hand_back_the_trained_model(tmp_path, reference, start_method):
     ref = reference("--epochs", "1")
-    got = train(tmp_path, "pp", "--epochs", "1", "--devices", "2", "--start-method", start_method)
+    """Lightning's spawn and fork launchers (a fresh interpreter, which starts the second rank itself)."""
+    args = ("--epochs", "1", "--devices", "2", "--start-method", start_method)
+    got = train(tmp_path, "pp", *args, launcher="lightning")
     assert_same_params(ref["state_dict"], got["state_dict"])
 
 
