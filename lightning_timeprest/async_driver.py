@@ -56,6 +56,18 @@ class OrderState:
     op_costs: OpCosts | None = None
     choice: OrderChoice | None = None
 
+    def settle(self, config: PipelineConfig, costs: OpCosts, num_stages: int, num_microbatches: int) -> None:
+        """Take this fit's op costs (one ``[forward, backward, step]`` per stage) and, for an nF1B policy, the
+        order they give."""
+        if costs.num_stages != num_stages:
+            raise PipelineConfigError(
+                f"op_costs lists {costs.num_stages} stages for a {num_stages}-stage pipeline; give one "
+                "[forward, backward, step] per stage"
+            )
+        self.op_costs, self.choice = costs, None
+        if config.is_asynchronous and config.schedule != "pipedream":
+            self.choice = choose_nf1b_order(config, num_stages, num_microbatches, costs)
+
 
 def choose_nf1b_order(config: PipelineConfig, num_stages: int, num_microbatches: int, costs: OpCosts) -> OrderChoice:
     """The nF1B order for ``costs`` (see :func:`~lightning_timeprest.schedules.choose_order`); for timeprest_v one

@@ -25,8 +25,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_timeprest.errors import CheckpointError
+from lightning_timeprest.schedules import OpCosts
 
 if TYPE_CHECKING:
+    from lightning_timeprest.placement import Placement
     from lightning_timeprest.stage import Stage
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "check_state_dict",
     "consolidate",
     "consolidate_optimizer_states",
+    "gather_every_stage",
     "gather_optimizer_state",
     "gather_state_dict",
     "is_sharded",
@@ -46,6 +49,8 @@ __all__ = [
     "merge_state_dicts",
     "named_optimizer_state",
     "own_state",
+    "save_order",
+    "saved_order",
     "shard_file",
     "write_shard",
 ]
@@ -63,6 +68,12 @@ def own_state(module: nn.Module, holders: Mapping[str, set[int]], stage: int, nu
     head's batch-norm statistics, are the up-to-date ones)."""
     everyone = set(range(num_stages))
     return {k: v.detach().cpu() for k, v in module.state_dict().items() if max(holders.get(k, everyone)) == stage}
+
+
+def gather_every_stage(module: nn.Module, placement: Placement, stage: Stage) -> dict[str, Tensor]:
+    """Every stage's tensors, on every rank of the pipeline (each stage sends what it holds)."""
+    own = own_state(module, placement.holders, stage.index, stage.num_stages)
+    return {k: v for part in stage.comm.all_gather_objects(own) for k, v in part.items()}
 
 
 def gather_state_dict(module: nn.Module, stage: Stage, sharded: bool) -> dict[str, Tensor]:
@@ -120,16 +131,26 @@ def check_state_dict(state: Mapping[str, Any], own: Sequence[str], known: Sequen
         )
 
 
-def write_shard(
-    checkpoint: dict[str, Any], directory: Path, stage: int, num_stages: int, layout: Mapping[str, Any] | None
-) -> None:
-    """Write one stage's model and optimizer states of a sharded checkpoint into ``directory``, and with ``layout``
+def write_shard(checkpoint: dict[str, Any], directory: Path, stage: int, placement: Placement, meta: bool) -> None:
+    """Write one stage's model and optimizer states of a sharded checkpoint into ``directory``, and with ``meta``
     (rank 0) the rest of the checkpoint and what consolidating needs."""
+    num_stages = placement.plan.num_stages
     shard = {"state_dict": checkpoint.pop("state_dict"), "optimizer_states": checkpoint.pop("optimizer_states")}
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(shard, directory / shard_file(stage, num_stages))
-    if layout is not None:
-        torch.save({**checkpoint, "timeprest_shards": dict(layout)}, directory / META_FILE)
+    if meta:
+        layout = {"num_stages": num_stages, "state_keys": placement.state_keys, "param_order": placement.param_order}
+        torch.save({**checkpoint, "timeprest_shards": layout}, directory / META_FILE)
+
+
+def save_order(checkpoint: dict[str, Any], costs: OpCosts) -> None:
+    """Keep the op costs the nF1B order was generated from, so that a resumed run continues in the same order."""
+    checkpoint[ORDER_KEY] = {"op_costs": [list(costs.forward), list(costs.backward), list(costs.step)]}
+
+
+def saved_order(checkpoint: Mapping[str, Any]) -> OpCosts | None:
+    saved = checkpoint.get(ORDER_KEY)
+    return None if saved is None else OpCosts(*(tuple(c) for c in saved["op_costs"]))
 
 
 def canonical_param_names(module: nn.Module, aliases: Mapping[str, str]) -> dict[int, str]:

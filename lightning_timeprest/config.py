@@ -3,6 +3,7 @@ message that says what to change (:class:`~lightning_timeprest.errors.PipelineCo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,7 +14,7 @@ from lightning_timeprest.partition import BALANCE_MODES
 from lightning_timeprest.schedules import ASYNCHRONOUS_SCHEDULES, SCHEDULES, OpCosts, ScheduleError
 from lightning_timeprest.versions import significance_function
 
-__all__ = ["PipelineConfig", "pipeline_config"]
+__all__ = ["PIPELINE_ARGUMENTS", "PipelineConfig", "pipeline_config"]
 
 
 @dataclass(frozen=True)
@@ -171,3 +172,7 @@ def pipeline_config(
         max_inflight=_positive("max_inflight", max_inflight),
         op_costs=_op_costs(op_costs),
     )
+
+
+#: the names of the strategy's own arguments, which :func:`pipeline_config` checks
+PIPELINE_ARGUMENTS = tuple(inspect.signature(pipeline_config).parameters)

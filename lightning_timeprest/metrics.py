@@ -35,7 +35,9 @@ __all__ = [
     "metric_step_scope",
     "reduce_logged",
     "replay",
+    "restore_process_groups",
     "restore_states",
+    "set_process_groups",
 ]
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
@@ -211,3 +213,18 @@ def metric_step_scope(module: LightningModule) -> Iterator[None]:
             cache = metric.compute() if compat.metric_bookkeeping(metric)[0] > 0 else forward_cache
             metric.merge_state(state)
             compat.set_metric_bookkeeping(metric, compat.metric_bookkeeping(metric)[0] + count, cache)
+
+
+def set_process_groups(module: torch.nn.Module, group: Any) -> dict[Metric, Any]:
+    """Point every torchmetrics ``Metric`` in ``module`` at ``group`` (each stage computes its metrics on its own,
+    synchronising over the replicas of its stage only); return their groups before, for
+    :func:`restore_process_groups`."""
+    before = {m: m.process_group for m in module.modules() if isinstance(m, Metric)}
+    for m in before:
+        m.process_group = group
+    return before
+
+
+def restore_process_groups(before: dict[Metric, Any]) -> None:
+    for metric, group in before.items():
+        metric.process_group = group

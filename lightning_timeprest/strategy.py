@@ -39,17 +39,16 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_timeprest import checkpoint as ckpt
-from lightning_timeprest import compat
+from lightning_timeprest import compat, metrics
 from lightning_timeprest.async_driver import (
     CALIBRATION_STEPS,
     AsyncDriver,
     OrderState,
     check_untied,
-    choose_nf1b_order,
 )
 from lightning_timeprest.async_runtime import AsyncRuntime, TraceEntry
 from lightning_timeprest.comm import PipelineCommError, StageComm
-from lightning_timeprest.config import PipelineConfig, pipeline_config
+from lightning_timeprest.config import PIPELINE_ARGUMENTS, PipelineConfig, pipeline_config
 from lightning_timeprest.costs import OpClock, measure_op_costs
 from lightning_timeprest.errors import PipelineConfigError
 from lightning_timeprest.groups import ProcessGroups, create_groups, destroy_groups
@@ -68,7 +67,6 @@ __all__ = ["CALIBRATION_STEPS", "PipelineConfigError", "PipelineStrategyMixin", 
 CPU = torch.device("cpu")
 _PIPELINE_SYNC_ADVICE = r"It is recommended to use `self\.log\('pipeline/"
 _SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
-ORDER_KEY = ckpt.ORDER_KEY
 
 
 class PipelineStrategyMixin:
@@ -155,26 +153,10 @@ class PipelineStrategyMixin:
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        # checked first, and set before the base class sets parallel_devices (which reads processes_per_device)
-        self.config: PipelineConfig = pipeline_config(
-            schedule=schedule,
-            num_microbatches=num_microbatches,
-            balance=balance,
-            module_name=module_name,
-            split_points=split_points,
-            stages=stages,
-            sharded_checkpoint=sharded_checkpoint,
-            processes_per_device=processes_per_device,
-            p2p_timeout=p2p_timeout,
-            significance=significance,
-            decay_lambda=decay_lambda,
-            power_beta=power_beta,
-            backward_rule=backward_rule,
-            dynamic=dynamic,
-            order=order,
-            max_inflight=max_inflight,
-            op_costs=op_costs,
-        )
+        # checked first, and set before the base class sets parallel_devices (which reads processes_per_device);
+        # the arguments before `accelerator` are the pipeline's own
+        given = locals()
+        self.config: PipelineConfig = pipeline_config(**{name: given[name] for name in PIPELINE_ARGUMENTS})
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -346,11 +328,8 @@ class PipelineStrategyMixin:
         # the strategy's own pipeline/ values are rank 0's, sent to every rank (see StageStatistics.emit)
         warnings.filterwarnings("ignore", message=_PIPELINE_SYNC_ADVICE, category=PossibleUserWarning)
         self._place(module)
-        for m in module.modules():  # each stage computes its metrics on its own
-            if isinstance(m, Metric):
-                assert self._groups is not None
-                self._metric_groups_before[m] = m.process_group
-                m.process_group = self._groups.metric
+        assert self._groups is not None
+        self._metric_groups_before = metrics.set_process_groups(module, self._groups.metric)
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -439,15 +418,9 @@ class PipelineStrategyMixin:
             placement.block_costs, placement.plan.balance, self.optimizers[0], params, self.root_device,
             self.stage, self.num_replicas, groups.world if self.num_stages > 1 else None,
         )  # fmt: skip
-        if costs.num_stages != self.num_stages:
-            raise PipelineConfigError(
-                f"op_costs lists {costs.num_stages} stages for a {self.num_stages}-stage pipeline; give one "
-                "[forward, backward, step] per stage"
-            )
-        self._order.op_costs, self._order.choice = costs, None
-        if self.is_asynchronous and self.schedule_name != "pipedream":
-            choice = self._order.choice = choose_nf1b_order(self.config, self.num_stages, self.num_microbatches, costs)
-            rank_zero_info(f"{type(self).__name__}: {choice.describe()}")
+        self._order.settle(self.config, costs, self.num_stages, self.num_microbatches)
+        if self._order.choice is not None:
+            rank_zero_info(f"{type(self).__name__}: {self._order.choice.describe()}")
 
     def _replace_sigterm_barrier(self, trainer: Any) -> None:
         """Agree on SIGTERM without Lightning's per-step barrier (see :mod:`lightning_timeprest.sigterm`)."""
@@ -590,8 +563,7 @@ class PipelineStrategyMixin:
             self._sigterm.finish(self._failed)
             self._sigterm = None
         self._unplace(gather=not self._failed)
-        for metric, group in self._metric_groups_before.items():
-            metric.process_group = group
+        metrics.restore_process_groups(self._metric_groups_before)
         self._metric_groups_before = {}
         if self._groups is not None:
             destroy_groups(self._groups)
@@ -611,12 +583,7 @@ class PipelineStrategyMixin:
         module, placement, stage = self.lightning_module, self._placement, self._stage
         if module is None or placement is None or stage is None:
             return
-        merged: dict[str, Tensor] = {}
-        if gather and self.num_stages > 1:
-            parts = stage.comm.all_gather_objects(
-                ckpt.own_state(module, placement.holders, self.stage, self.num_stages)
-            )
-            merged = {k: v for part in parts for k, v in part.items()}
+        merged = ckpt.gather_every_stage(module, placement, stage) if gather and self.num_stages > 1 else {}
         unplace(placement, module, merged)
         self._placement = self._stage = self._sync = self._async = None
 
@@ -658,31 +625,18 @@ class PipelineStrategyMixin:
         """An ordinary checkpoint file written by rank 0; with ``sharded_checkpoint``, a directory ``filepath``
         in which each stage of replica 0 writes its own states and rank 0 the rest. The op costs the nF1B order was
         generated from are saved too, so that a resumed run continues in the same order."""
-        costs = self.op_costs
-        if costs is not None and self.order_choice is not None:
-            checkpoint[ORDER_KEY] = {"op_costs": [list(costs.forward), list(costs.backward), list(costs.step)]}
-        self._save_precision_state(checkpoint)
+        if self.op_costs is not None and self.order_choice is not None:
+            ckpt.save_order(checkpoint, self.op_costs)
+        plugin, scaler, state = self.precision_plugin, self.precision_plugin.scaler, None
+        if self._async is not None and self._stage is not None and scaler is not None and scaler.is_enabled():
+            # the loss scale under the asynchronous policies is the last stage's (it scales every loss)
+            state = self._stage.comm.broadcast_object(plugin.state_dict(), self.last_stage)
+        plugin.save_state(checkpoint, state)
         if not (self.config.sharded_checkpoint and self._placement is not None):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         if self.replica == 0:
-            layout = {
-                "num_stages": self.num_stages,
-                "state_keys": self._placement.state_keys,
-                "param_order": self._placement.param_order,
-            }
-            layout_here = layout if self.is_global_zero else None
-            ckpt.write_shard(checkpoint, Path(filepath), self.stage, self.num_stages, layout_here)
+            ckpt.write_shard(checkpoint, Path(filepath), self.stage, self._placement, meta=self.is_global_zero)
         self.barrier("sharded checkpoint written")
-
-    def _save_precision_state(self, checkpoint: dict[str, Any]) -> None:
-        plugin, stage = self.precision_plugin, self._stage
-        scaler = plugin.scaler
-        # under the asynchronous policies the loss scale is the last stage's (it scales every loss)
-        if self._async is not None and scaler is not None and scaler.is_enabled() and stage is not None:
-            last = stage.comm.broadcast_object(plugin.state_dict(), self.last_stage)
-            plugin.save_state(checkpoint, last)
-        else:
-            plugin.save_state(checkpoint)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -697,9 +651,9 @@ class PipelineStrategyMixin:
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self._placement is not None
         ckpt.load_stage_state(self.lightning_module, checkpoint["state_dict"], self._placement.state_keys, strict)
-        saved = checkpoint.get(ORDER_KEY)
+        saved = ckpt.saved_order(checkpoint)
         if saved is not None and self._async is not None:  # continue in the order of the run that wrote it
-            self._async.restore_order(OpCosts(*(tuple(c) for c in saved["op_costs"])))
+            self._async.restore_order(saved)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
