@@ -4,8 +4,9 @@ Each process of a run spends most of its life importing torch, Lightning and tor
 this machine, 75% of a small training run); the suite starts a few hundred. So the tests fork every process of a
 job from a multiprocessing forkserver that has imported them once (``set_forkserver_preload``, Python's own
 mechanism for this). A forked process then runs the script exactly as ``python script args`` would: its own
-environment, working directory, ``sys.argv``, output files, ``__main__`` and exit handlers. The forkserver runs no
-torch operation itself, so no OpenMP pool or process group crosses the fork; each process builds its own.
+environment, working directory, ``sys.argv``, output files, ``__main__`` and exit handlers. The forkserver only
+imports: it runs no torch operation and joins no process group, so each process starts its own (a forked process
+runs torch's intra-op threads as a fresh interpreter does: the same thread count, the same speed, checked).
 
 A multi-process job's ranks start at once with the variables torchrun or SLURM set (Lightning's
 ``LightningEnvironment`` sees ``LOCAL_RANK`` and launches nothing). Tests about Lightning's launchers, failures and
