@@ -460,13 +460,12 @@ class AsyncRuntime:
 
     def _backward_micros(self, mb: _MiniBatch, version: int, js: list[int]) -> None:
         """Back-propagate micro-batches ``js`` of ``mb``, whose forwards read weight ``version``, in order."""
-        values, d = self.store.backward_values(self.policy, version, self.alpha)
-        self.stats.staleness += [d] * len(js)
         graph = mb.micro[js[0]].leaves  # the same leaf set for all of js (None: the recompute rule)
         if graph is not None:  # graph rule: the saved weights read the backward weights
             leaves = graph
             self.store.lend_grads(leaves)
-            with self.store.reading(leaves, values):
+            with self.store.reading_backward(leaves, self.policy, version, self.alpha) as d:
+                self.stats.staleness += [d] * len(js)
                 for j in js:
                     record = mb.micro[j]
                     pairs = self.comm.recv_gradients(record.outputs, record.grads)
@@ -476,6 +475,8 @@ class AsyncRuntime:
             self.store.harvest(leaves)
             return
         # recompute: rerun the stage with the backward weights
+        values, d = self.store.backward_values(self.policy, version, self.alpha)
+        self.stats.staleness += [d] * len(js)
         if values[0].data_ptr() == self.store.params[0].data_ptr():
             leaves = self.store.live_leaves()
         else:
@@ -519,8 +520,7 @@ def _reading_all(
         yield
         return
     first, rest = sets[0], sets[1:]
-    values, _ = store.backward_values(policy, first.version, alpha)
-    with store.reading(first, values), _reading_all(store, policy, alpha, rest):
+    with store.reading_backward(first, policy, first.version, alpha), _reading_all(store, policy, alpha, rest):
         yield
 
 

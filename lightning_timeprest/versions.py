@@ -242,6 +242,38 @@ class VersionStore:
                 for s, v in zip(leaves.storage, saved, strict=True):
                     s.copy_(v)
 
+    @contextmanager
+    def reading_backward(
+        self, leaves: LeafSet, policy: Policy, forward_version: int, alpha: Callable[[int], float]
+    ) -> Iterator[int]:
+        """The graph rule: make ``leaves`` read the backward weights of a micro-batch whose forward read
+        ``forward_version`` (:meth:`backward_values`) until the block ends; yields ``d``.
+
+        When the leaves are the live weights and the backward reads I-TiMePReSt's W~, W~ is built in their
+        storage (``lerp_``) and the live weights put back after: one pass over the weights less than building W~
+        apart and copying it in, and no W~ beside the copy of the live weights."""
+        d = self.version - forward_version
+        a = float(alpha(d)) if policy.backward == "intermediate" and d > 0 else None
+        live = all(s.data_ptr() == p.data_ptr() for s, p in zip(leaves.storage, self.params, strict=True))
+        if a is None or a in (0.0, 1.0) or not live:
+            values, d = self.backward_values(policy, forward_version, alpha)
+            with self.reading(leaves, values):
+                yield d
+            return
+        saved = [s.clone() for s in leaves.storage]
+        self._temporaries += 1
+        self.peak_versions = max(self.peak_versions, self.versions_held + self._temporaries)
+        with torch.no_grad():
+            for s, w in zip(leaves.storage, self.snapshots[forward_version], strict=True):
+                s.lerp_(w, a)
+        try:
+            yield d
+        finally:
+            self._temporaries -= 1
+            with torch.no_grad():
+                for s, v in zip(leaves.storage, saved, strict=True):
+                    s.copy_(v)
+
     def lend_grads(self, leaves: LeafSet) -> None:
         """Let a backward through ``leaves`` accumulate into the parameters' ``.grad`` tensors in place (autograd
         adds into a leaf's existing ``.grad``), instead of into new tensors :meth:`harvest` adds up: a gradient
