@@ -19,17 +19,21 @@ from lightning_timeprest.schedules import NF1BOrder, OpCosts, OpKind, choose_ord
 
 EPOCHS = ("--epochs", "2", "--batch-size", "18")  # 6 mini-batches per epoch (the last one of 10 samples)
 
-# (policy, W, N, optimizer, rule): every policy at W = 3 or 4, with SGD (momentum) and with Adam, both backward
-# rules, and W > N + 1 (v = 2 in the paper's grid) among them. W = 2 under every policy with the graph rule is
-# covered by the model zoo against the generic reference (tests/test_models.py) and by tests/test_hooks.py.
+# (policy, W, N, optimizer, rule): every policy at W = 2, 3, 4, each with SGD (momentum) and with Adam, both
+# backward rules, with W > N + 1 (v = 2 in the paper's grid) among them
 CASES = [
+    ("timeprest_v", 2, 2, "sgd", "graph"),
     ("timeprest_v", 3, 2, "adam", "graph"),
     ("timeprest_v", 4, 2, "sgd", "recompute"),  # W > N + 1: refused in the paper's grid, v = 1 in the order chosen
+    ("timeprest", 2, 2, "adam", "graph"),
     ("timeprest", 3, 2, "sgd", "recompute"),
     ("timeprest", 4, 2, "adam", "graph"),
     ("timeprest_i", 2, 3, "adam", "recompute"),
     ("timeprest_i", 3, 2, "sgd", "graph"),
+    ("timeprest_i", 4, 2, "adam", "graph"),
+    ("pipedream", 2, 1, "sgd", "graph"),
     ("pipedream", 3, 1, "adam", "recompute"),
+    ("pipedream", 4, 1, "sgd", "graph"),
 ]
 
 
@@ -195,7 +199,7 @@ def test_logged_losses_lag_and_equal_the_reference(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("w, n", [(2, 2)])
+@pytest.mark.parametrize("w, n", [(2, 2), (3, 2)])
 def test_significance_one_is_pipedream_stashing_and_zero_is_timeprest_v(tmp_path, w, n):
     unit = ("--order", "unit")  # the same order for every run: v = 1 in the paper's grid when W <= N + 1
     stashed = _run(tmp_path, "timeprest_i", w, n, "adam", "graph", "--significance", "one", *unit)

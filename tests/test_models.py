@@ -146,8 +146,8 @@ def test_hugging_face_models_and_the_lightning_demo_transformer_equal_one_device
 
 
 def test_hugging_face_models_train_under_every_policy_with_a_loss_in_the_step(tmp_path):
-    """Llama with the loss computed in the step (from .logits) under every schedule; Qwen2, BERT and GPT-2 with an
-    untied output layer (the asynchronous policies refuse weights tied across stages) under timeprest_i."""
+    """Llama with the loss computed in the step (from .logits) under every schedule; Qwen2, Mistral, BERT and GPT-2
+    with an untied output layer (the asynchronous policies refuse weights tied across stages) under timeprest_i."""
     pytest.importorskip("transformers")
     common = ("--n", "2", "--precision", "64-true", "--batch-size", "8", "--steps", "3", "--loss", "step")
     run_zoo(tmp_path, "--model", "hf-llama", "--devices", "2", "--schedules", ",".join(SCHEDULES),
@@ -155,7 +155,7 @@ def test_hugging_face_models_train_under_every_policy_with_a_loss_in_the_step(tm
     run_zoo(tmp_path, "--model", "hf-llama", "--devices", "0", "--schedules", "reference", "--out", "one",
             *common)  # fmt: skip
     _compare(tmp_path, ["hf-llama"], list(SCHEDULES), loss="step")
-    names = ["hf-qwen2", "hf-bert", "hf-gpt2-untied"]
+    names = ["hf-qwen2", "hf-mistral", "hf-bert", "hf-gpt2-untied"]
     run_zoo(tmp_path, "--model", ",".join(names), "--devices", "2", "--schedules", "timeprest_i", "--out", "pipe",
             *common)  # fmt: skip
     run_zoo(tmp_path, "--model", ",".join(names), "--devices", "0", "--schedules", "reference", "--out", "one",

@@ -273,7 +273,7 @@ def test_partition_table_is_printed_with_measured_time_shares(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["timeprest_i"])  # (1f1b resumes exactly in test_checkpoint)
+@pytest.mark.parametrize("schedule", ["1f1b", "timeprest_i"])
 def test_traced_checkpoint_loads_in_one_process_and_resumes_exactly(tmp_path, schedule):
     args = ("--model", "MultiInputNet", "--devices", "2", "--split-points", "mix", "--schedule", schedule)
     args += ("--n", "2", "--optimizer", "adam", "--epochs", "2")

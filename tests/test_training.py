@@ -46,7 +46,7 @@ def test_matches_single_device(tmp_path, reference, devices, schedule, optimizer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["1f1b"])  # (fewer micro-batches than 1F1B's warm-up; gpipe: test_errors)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_a_batch_smaller_than_n_matches_single_device(tmp_path, reference, schedule):
     """100 samples in batches of 33 with N = 4: the last batch of 1 sample runs as one micro-batch."""
     args = ("--epochs", "1", "--batch-size", "33", "--n", "4")
