@@ -15,6 +15,7 @@ metric over the whole mini-batch, as on one device.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
@@ -38,9 +40,12 @@ __all__ = [
     "restore_process_groups",
     "restore_states",
     "set_process_groups",
+    "silence_sync_dist_advice",
 ]
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
+_PIPELINE_SYNC_ADVICE = r"It is recommended to use `self\.log\('pipeline/"
+_SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 _TORCH_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
 
@@ -228,3 +233,13 @@ def set_process_groups(module: torch.nn.Module, group: Any) -> dict[Metric, Any]
 def restore_process_groups(before: dict[Metric, Any]) -> None:
     for metric, group in before.items():
         metric.process_group = group
+
+
+def silence_sync_dist_advice(one_pipeline: bool) -> None:
+    """Filter Lightning's advice to log with ``sync_dist=True`` where it does not apply: for the strategy's own
+    ``pipeline/`` values (rank 0's, sent to every rank, see ``StageStatistics.emit``) and, with one pipeline, for
+    the user's epoch-level values (every rank logs the last stage's, replayed). With data-parallel replicas the
+    advice applies to the user's values and stays."""
+    warnings.filterwarnings("ignore", message=_PIPELINE_SYNC_ADVICE, category=PossibleUserWarning)
+    if one_pipeline:
+        warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)

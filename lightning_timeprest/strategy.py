@@ -18,7 +18,6 @@ hooks to the pieces that do the work, each in its own module:
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -32,7 +31,6 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics import Metric
@@ -65,8 +63,6 @@ from lightning_timeprest.sync_driver import SyncDriver
 __all__ = ["CALIBRATION_STEPS", "PipelineConfigError", "PipelineStrategyMixin", "TiMePReStStrategy"]
 
 CPU = torch.device("cpu")
-_PIPELINE_SYNC_ADVICE = r"It is recommended to use `self\.log\('pipeline/"
-_SYNC_DIST_ADVICE = r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
 
 
 class PipelineStrategyMixin:
@@ -322,11 +318,7 @@ class PipelineStrategyMixin:
         # order is that of single-device training) and the batch that trains is stage 0's (see Stage.stage0_batch).
         if self.num_replicas == 1:
             compat.disable_distributed_sampler(trainer)
-            # every rank logs the last stage's values (replayed), so Lightning's advice to sync them across ranks
-            # for epoch-level logging does not apply to one pipeline (with replicas it does, and stays)
-            warnings.filterwarnings("ignore", message=_SYNC_DIST_ADVICE, category=PossibleUserWarning)
-        # the strategy's own pipeline/ values are rank 0's, sent to every rank (see StageStatistics.emit)
-        warnings.filterwarnings("ignore", message=_PIPELINE_SYNC_ADVICE, category=PossibleUserWarning)
+        metrics.silence_sync_dist_advice(one_pipeline=self.num_replicas == 1)
         self._place(module)
         assert self._groups is not None
         self._metric_groups_before = metrics.set_process_groups(module, self._groups.metric)
