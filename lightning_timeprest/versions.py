@@ -225,22 +225,11 @@ class VersionStore:
         if all(v is s or (v.data_ptr() == s.data_ptr()) for v, s in zip(values, leaves.storage, strict=True)):
             yield
             return
-        saved = [s.clone() for s in leaves.storage]
         held = [self.params[0].data, *(snapshot[0] for snapshot in self.snapshots.values())]
         # the copy of what the storage held, and W~ unless ``values`` is a version the store holds anyway
         extra = 1 + (0 if any(values[0].data_ptr() == h.data_ptr() for h in held) else 1)
-        self._temporaries += extra
-        self.peak_versions = max(self.peak_versions, self.versions_held + self._temporaries)
-        with torch.no_grad():
-            for s, v in zip(leaves.storage, values, strict=True):
-                s.copy_(v)
-        try:
+        with self._overwritten(leaves, lambda s, i: s.copy_(values[i]), extra):
             yield
-        finally:
-            self._temporaries -= extra
-            with torch.no_grad():
-                for s, v in zip(leaves.storage, saved, strict=True):
-                    s.copy_(v)
 
     @contextmanager
     def reading_backward(
@@ -260,16 +249,24 @@ class VersionStore:
             with self.reading(leaves, values):
                 yield d
             return
+        stale = self.snapshots[forward_version]
+        with self._overwritten(leaves, lambda s, i: s.lerp_(stale[i], a), 1):
+            yield d
+
+    @contextmanager
+    def _overwritten(self, leaves: LeafSet, write: Callable[[Tensor, int], object], extra: int) -> Iterator[None]:
+        """Copy what ``leaves`` hold aside, ``write(storage, i)`` the backward weights into each of their tensors,
+        and put the copy back when the block ends; ``extra`` weight versions exist meanwhile."""
         saved = [s.clone() for s in leaves.storage]
-        self._temporaries += 1
+        self._temporaries += extra
         self.peak_versions = max(self.peak_versions, self.versions_held + self._temporaries)
         with torch.no_grad():
-            for s, w in zip(leaves.storage, self.snapshots[forward_version], strict=True):
-                s.lerp_(w, a)
+            for i, s in enumerate(leaves.storage):
+                write(s, i)
         try:
-            yield d
+            yield
         finally:
-            self._temporaries -= 1
+            self._temporaries -= extra
             with torch.no_grad():
                 for s, v in zip(leaves.storage, saved, strict=True):
                     s.copy_(v)
