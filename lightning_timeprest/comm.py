@@ -11,6 +11,12 @@ Sends are asynchronous (``isend``), so a stage never blocks on a peer that is bu
 by ``timeout``, so a dead or stuck peer ends the waiting rank with an error instead of a hang. A peer that
 crashes closes its sockets and gloo reports it at once.
 
+Activations, batches and step results travel as messages of a stream (:class:`_Inbox`, :class:`_Outbox`): a
+fixed-size header that lays out the parts that follow. The receiver posts the next message's receives as soon as
+it has taken one, the parts laid out as the last message's were, because a gloo send transmits only once the
+matching receive is posted: a receive posted after the header arrived waits until the sending process notices
+it, which takes milliseconds while that process computes on its core.
+
 gloo cannot send CUDA tensors between processes that share one GPU, so with gloo every tensor is staged
 through CPU memory; with nccl tensors travel from the device directly.
 """
@@ -20,7 +26,7 @@ from __future__ import annotations
 import pickle
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -134,6 +140,32 @@ def _unflatten(kind: int, tensors: list[Tensor], structure: bytes = b"") -> Any:
     return tuple(tensors) if kind == _TUPLE else list(tensors)
 
 
+_TAGS = {"values": 1, "objects": 2}  # the control group's streams
+Layout = tuple[tuple[torch.dtype, tuple[int, ...]], ...]  # the dtype and shape of each part of a message
+
+
+def _pickled(obj: Any) -> tuple[Tensor, list[Tensor]]:
+    """A message of one pickled object: its header and its one part."""
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+    header[0], header[2] = _PICKLED, data.numel()
+    return header, [data]
+
+
+def _layout(values: list[int], fields: int) -> Layout:
+    """The parts a message's header lays out: ``[kind, count, nbytes]``, then per tensor its dtype, for activations
+    whether it wants a gradient (``fields`` 3, else 2), its ndim and shape; a pickled object is one part of bytes."""
+    kind, count, nbytes, pos = values[0], values[1], values[2], 3
+    if kind == _PICKLED:
+        return ((torch.uint8, (nbytes,)),)
+    layout: list[tuple[torch.dtype, tuple[int, ...]]] = [(torch.uint8, (nbytes,))] if nbytes else []
+    for _ in range(count):
+        ndim = values[pos + fields - 1]
+        layout.append((_DTYPES[values[pos]], tuple(values[pos + fields : pos + fields + ndim])))
+        pos += fields + ndim
+    return tuple(layout)
+
+
 class PostedRecv:
     """A receive posted ahead of the moment its data is needed, so that the transfer overlaps the stage's compute.
 
@@ -184,6 +216,66 @@ class PostedRecv:
         return self.buffer
 
 
+class _Outbox:
+    """The sending end of a stream of messages to one peer (see :class:`_Inbox`)."""
+
+    def __init__(self, comm: StageComm, group: Any, stage: int, tag: int, device: torch.device) -> None:
+        self.comm, self.group, self.stage, self.tag, self.device = comm, group, stage, tag, device
+        self.sent: Layout | None = None  # the parts of the last message: what the peer has posted receives for
+
+    def send(self, header: Tensor, parts: Sequence[Tensor]) -> None:
+        layout = tuple((t.dtype, tuple(t.shape)) for t in parts)
+        self.comm._isend(header, self.stage, self.group, self.tag)
+        if self.sent is not None and layout != self.sent:  # fill the receives posted for the old layout
+            for dtype, shape in self.sent:
+                self.comm._isend(torch.zeros(shape, dtype=dtype, device=self.device), self.stage, self.group, self.tag)
+        for t in parts:
+            self.comm._isend(t, self.stage, self.group, self.tag)
+        self.sent = layout
+
+
+class _Inbox:
+    """The receiving end of a stream of messages from one peer: each a header of ``_HEADER_LEN`` int64, then the
+    parts it lays out (``layout_of``). Once a message is taken the next one's receives are posted at once: its header
+    and, laid out as the message just taken, its parts. A sender whose layout changed first fills those with zeros
+    (:class:`_Outbox`); they are dropped here and the parts posted again as the header says."""
+
+    def __init__(self, comm: StageComm, group: Any, stage: int, tag: int, device: torch.device, what: str) -> None:
+        self.comm, self.group, self.stage, self.tag, self.device, self.what = comm, group, stage, tag, device, what
+        self.expected: Layout | None = None
+        self.header: PostedRecv | None = None
+        self.parts: list[PostedRecv] = []
+
+    def _post(self, layout: Layout) -> list[PostedRecv]:
+        rank = self.comm._rank_of(self.stage)
+        posted = []
+        for dtype, shape in layout:
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+            posted.append(PostedRecv(dist.irecv(buf, rank, group=self.group, tag=self.tag), buf, self.comm))
+        return posted
+
+    def post(self) -> PostedRecv:
+        """The next message's header receive (posted now, with its expected parts, unless it is already)."""
+        if self.header is None:
+            buf = torch.empty(_HEADER_LEN, dtype=torch.int64)
+            work = dist.irecv(buf, self.comm._rank_of(self.stage), group=self.group, tag=self.tag)
+            self.header = PostedRecv(work, buf, self.comm)
+            self.parts = self._post(self.expected) if self.expected is not None else []
+        return self.header
+
+    def take(self, layout_of: Callable[[list[int]], Layout]) -> tuple[list[int], list[Tensor]]:
+        """Wait for the next message; return its header values and its parts."""
+        values = self.post().result(self.stage, self.what).tolist()
+        layout, expected, posted = layout_of(values), self.expected, self.parts
+        self.header, self.parts = None, []
+        parts = [p.result(self.stage, self.what) for p in posted]
+        if layout != expected:
+            parts = [p.result(self.stage, self.what) for p in self._post(layout)]
+        self.expected = layout
+        self.post()
+        return values, parts
+
+
 @dataclass
 class StageComm:
     """Activation and gradient transfers of one stage with its neighbours."""
@@ -200,9 +292,10 @@ class StageComm:
     arrived: threading.Event = field(default_factory=threading.Event)
     #: the ``note`` of the last activation received
     note: int = 0
-    #: the next activation's header, posted as soon as the previous activation arrived: every message from the
-    #: previous stage on the activation group starts with a header, whichever runtime receives it next
-    _header: PostedRecv | None = None
+    #: the message streams, by (kind, peer stage): their receives posted ahead (every message from the previous
+    #: stage on the activation group is one of the activation stream, whichever runtime receives it next)
+    _inboxes: dict[tuple[str, int], _Inbox] = field(default_factory=dict)
+    _outboxes: dict[tuple[str, int], _Outbox] = field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:
@@ -215,9 +308,30 @@ class StageComm:
     def _wire_device(self) -> torch.device:
         return torch.device("cpu") if self.backend == "gloo" else self.device
 
-    def _isend(self, tensor: Tensor, stage: int, group: Any) -> None:
-        tensor = tensor.detach().to(self._wire_device).contiguous()
-        work = dist.isend(tensor, self._rank_of(stage), group=group)
+    def _streams(self, kind: str) -> tuple[Any, int, torch.device]:
+        # the control group carries two kinds: batches and pickled objects, told apart by the tag
+        if kind == "activations":
+            return self.groups.activations, 0, self._wire_device
+        return self.groups.control, _TAGS[kind], torch.device("cpu")
+
+    def _inbox(self, kind: str, stage: int) -> _Inbox:
+        inbox = self._inboxes.get((kind, stage))
+        if inbox is None:
+            group, tag, device = self._streams(kind)
+            what = {"activations": "an activation", "values": "the batch"}.get(kind, "step results")
+            inbox = self._inboxes[kind, stage] = _Inbox(self, group, stage, tag, device, what)
+        return inbox
+
+    def _outbox(self, kind: str, stage: int) -> _Outbox:
+        outbox = self._outboxes.get((kind, stage))
+        if outbox is None:
+            group, tag, device = self._streams(kind)
+            outbox = self._outboxes[kind, stage] = _Outbox(self, group, stage, tag, device)
+        return outbox
+
+    def _isend(self, tensor: Tensor, stage: int, group: Any, tag: int = 0) -> None:
+        tensor = tensor.detach().to(self._wire_device if group is not self.groups.control else "cpu").contiguous()
+        work = dist.isend(tensor, self._rank_of(stage), group=group, tag=tag)
         self._pending.append((work, [tensor]))
         if len(self._pending) > 64:  # asynchronous schedules never flush: forget sends that completed
             self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
@@ -255,55 +369,37 @@ class StageComm:
         buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
         buf[-2] = note
         buf[-1] = tag
-        group = self.groups.activations
-        self._isend(buf, self.stage + 1, group)
-        if structure:
-            self._isend(torch.frombuffer(bytearray(structure), dtype=torch.uint8), self.stage + 1, group)
-        for t in tensors:
-            self._isend(t, self.stage + 1, group)
+        parts = [torch.frombuffer(bytearray(structure), dtype=torch.uint8)] if structure else []
+        wire = self._wire_device
+        parts += [t.detach().to(wire).contiguous() for t in tensors]
+        self._outbox("activations", self.stage + 1).send(buf, parts)
 
     def recv_activation(self, requires_grad: bool) -> Any:
         """Receive the previous stage's output; float tensors sent with ``requires_grad`` get it here too."""
         return self.recv_tagged_activation(requires_grad)[0]
 
     def post_activation_header(self) -> PostedRecv:
-        """Start receiving the next activation's header (once: a header already posted is returned)."""
-        if self._header is None:
-            buf = torch.empty(_HEADER_LEN, dtype=torch.int64)
-            work = dist.irecv(buf, self._rank_of(self.stage - 1), group=self.groups.activations)
-            self._header = PostedRecv(work, buf, self)
-        return self._header
+        """Start receiving the next activation (once: a header already posted is returned)."""
+        return self._inbox("activations", self.stage - 1).post()
 
     def recv_tagged_activation(self, requires_grad: bool) -> tuple[Any, int]:
-        """Like :meth:`recv_activation`, and the sender's tag. The next header is posted before returning, so that
-        it travels while this stage computes."""
-        group = self.groups.activations
-        header = self.post_activation_header().result(self.stage - 1, "an activation")
-        self._header = None
-        values = header.tolist()
-        kind, count, nbytes, pos = values[0], values[1], values[2], 3
-        shapes = []
+        """Like :meth:`recv_activation`, and the sender's tag. The next activation's receives are posted before
+        returning, so that it travels while this stage computes."""
+        values, parts = self._inbox("activations", self.stage - 1).take(lambda v: _layout(v, 3))
+        count, nbytes, pos = values[1], values[2], 3
+        grads = []
         for _ in range(count):
-            dtype, grad, ndim = _DTYPES[values[pos]], bool(values[pos + 1]), values[pos + 2]
-            shapes.append((dtype, grad, values[pos + 3 : pos + 3 + ndim]))
-            pos += 3 + ndim
-        # every part posted at once: they arrive while the earlier ones are copied
-        raw = torch.empty(nbytes, dtype=torch.uint8, device=self._wire_device) if nbytes else None
-        parts = [raw] if raw is not None else []
-        parts += [torch.empty(shape, dtype=dtype, device=self._wire_device) for dtype, _, shape in shapes]
-        works = [dist.irecv(t, self._rank_of(self.stage - 1), group=group) for t in parts]
-        for work, t in zip(works, parts, strict=True):
-            self._wait(work, t, self.stage - 1, "an activation")
-        self.post_activation_header()
+            grads.append(bool(values[pos + 1]))
+            pos += 3 + values[pos + 2]
         self.note = values[-2]
-        structure = raw.cpu().numpy().tobytes() if raw is not None else b""
+        structure = parts[0].cpu().numpy().tobytes() if nbytes else b""
         tensors = []
-        for t, (_, grad, _) in zip(parts[len(parts) - count :], shapes, strict=True):
+        for t, grad in zip(parts[len(parts) - count :], grads, strict=True):
             t = t.to(self.device)
             if grad and requires_grad:
                 t.requires_grad_(True)
             tensors.append(t)
-        return _unflatten(kind, tensors, structure), values[-1]
+        return _unflatten(values[0], tensors, structure), values[-1]
 
     def send_ticket(self, value: int) -> None:
         """Announce a backward to the previous stage (dynamic mode: lets it see the gradients are coming)."""
@@ -392,15 +488,8 @@ class StageComm:
 
     def isend_object(self, obj: Any, dst_stage: int) -> None:
         """Send a picklable object without waiting for the receiver (control group; pair with recv_object_from)."""
-        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-        self._post_control([torch.tensor([data.numel()], dtype=torch.int64), data], dst_stage)
-
-    def _post_control(self, tensors: list[Tensor], dst_stage: int) -> None:
-        """Post sends of CPU tensors to ``dst_stage`` over the control group; their buffers live until they complete."""
         with self._control(f"sending to stage {dst_stage}"):
-            for t in tensors:
-                work = dist.isend(t, self._rank_of(dst_stage), group=self.groups.control)
-                self._pending.append((work, [t]))
+            self._outbox("objects", dst_stage).send(*_pickled(obj))
 
     def isend_value(self, value: Any, dst_stage: int) -> None:
         """Send a pytree of CPU tensors and plain values (a batch) over the control group without waiting: the
@@ -410,43 +499,28 @@ class StageComm:
         header = [kind, len(tensors), len(structure)]
         for t in tensors:
             header += [_DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1, t.dim(), *t.shape]
-        pickled = len(header) > _HEADER_LEN or -1 in header[3:]  # too many tensors or an unusual dtype
-        buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
-        if pickled:
-            buf[0] = _PICKLED
-            self._post_control([buf], dst_stage)
-            self.isend_object(value, dst_stage)
-            return
-        buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
-        parts = [buf] + ([torch.frombuffer(bytearray(structure), dtype=torch.uint8)] if structure else [])
-        self._post_control(parts + [t.detach().contiguous() for t in tensors], dst_stage)
+        with self._control(f"sending to stage {dst_stage}"):
+            if len(header) > _HEADER_LEN or -1 in header[3:]:  # too many tensors or an unusual dtype: pickled whole
+                self._outbox("values", dst_stage).send(*_pickled(value))
+                return
+            buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+            buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
+            parts = [torch.frombuffer(bytearray(structure), dtype=torch.uint8)] if structure else []
+            self._outbox("values", dst_stage).send(buf, parts + [t.detach().contiguous() for t in tensors])
 
     def recv_value(self, src_stage: int) -> Any:
         """Receive what :meth:`isend_value` sent, waiting at most ``timeout``."""
-        group, what = self.groups.control, "the batch"
-        values = self._recv(torch.empty(_HEADER_LEN, dtype=torch.int64), src_stage, group, what).tolist()
-        kind, count, nbytes, pos = values[0], values[1], values[2], 3
+        values, parts = self._inbox("values", src_stage).take(lambda v: _layout(v, 2))
+        kind, count, nbytes = values[0], values[1], values[2]
         if kind == _PICKLED:
-            return self.recv_object_from(src_stage)
-        structure = b""
-        if nbytes:
-            raw = self._recv(torch.empty(nbytes, dtype=torch.uint8), src_stage, group, what)
-            structure = raw.numpy().tobytes()
-        tensors = []
-        for _ in range(count):
-            dtype, ndim = _DTYPES[values[pos]], values[pos + 1]
-            shape = values[pos + 2 : pos + 2 + ndim]
-            pos += 2 + ndim
-            tensors.append(self._recv(torch.empty(shape, dtype=dtype), src_stage, group, what))
-        return _unflatten(kind, tensors, structure)
+            return pickle.loads(parts[0].numpy().tobytes())
+        structure = parts[0].numpy().tobytes() if nbytes else b""
+        return _unflatten(kind, parts[len(parts) - count :], structure)
 
     def recv_object_from(self, src_stage: int) -> Any:
         """Receive an object sent with :meth:`isend_object`, waiting at most ``timeout``."""
-        size = self._recv(torch.empty(1, dtype=torch.int64), src_stage, self.groups.control, "step results")
-        data = self._recv(
-            torch.empty(int(size.item()), dtype=torch.uint8), src_stage, self.groups.control, "step results"
-        )
-        return pickle.loads(data.numpy().tobytes())
+        _, parts = self._inbox("objects", src_stage).take(lambda v: _layout(v, 2))
+        return pickle.loads(parts[0].numpy().tobytes())
 
     # -- control plane: small Python objects and replicated tensors over the gloo control group -------------
 
