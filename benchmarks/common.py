@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from pathlib import Path
 
 #: variables a launched rank leaves behind; a new worker run must not mistake itself for one
 _LAUNCHED = {"MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"}
@@ -31,7 +33,13 @@ def pin(rank: int, cores: str, threads: int) -> None:
     stage then has compute of its own, as each stage has its own accelerator in real use."""
     import torch
 
-    os.sched_setaffinity(0, {int(cores.split(",")[rank])})
+    core = {int(cores.split(",")[rank])}
+    # every thread of the process, not only the caller: torch.distributed's threads (gloo's transport loops, the
+    # store) may have started before, and a thread pinned later does not move the ones that exist
+    tasks = Path("/proc/self/task")
+    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, core)
     torch.set_num_threads(threads)
 
 
