@@ -225,12 +225,9 @@ class _Outbox:
 
     def send(self, header: Tensor, parts: Sequence[Tensor]) -> None:
         layout = tuple((t.dtype, tuple(t.shape)) for t in parts)
-        self.comm._isend(header, self.stage, self.group, self.tag)
-        if self.sent is not None and layout != self.sent:  # fill the receives posted for the old layout
-            for dtype, shape in self.sent:
-                self.comm._isend(torch.zeros(shape, dtype=dtype, device=self.device), self.stage, self.group, self.tag)
-        for t in parts:
-            self.comm._isend(t, self.stage, self.group, self.tag)
+        fill = [torch.zeros(shape, dtype=dtype) for dtype, shape in self.sent or ()] if layout != self.sent else []
+        for t in [header, *fill, *parts]:  # (the zeros fill the receives the peer posted for the old layout)
+            self.comm._isend(t, self.stage, self.group, self.tag, self.device)
         self.sent = layout
 
 
@@ -329,8 +326,8 @@ class StageComm:
             outbox = self._outboxes[kind, stage] = _Outbox(self, group, stage, tag, device)
         return outbox
 
-    def _isend(self, tensor: Tensor, stage: int, group: Any, tag: int = 0) -> None:
-        tensor = tensor.detach().to(self._wire_device if group is not self.groups.control else "cpu").contiguous()
+    def _isend(self, tensor: Tensor, stage: int, group: Any, tag: int = 0, device: torch.device | None = None) -> None:
+        tensor = tensor.detach().to(device or self._wire_device).contiguous()
         work = dist.isend(tensor, self._rank_of(stage), group=group, tag=tag)
         self._pending.append((work, [tensor]))
         if len(self._pending) > 64:  # asynchronous schedules never flush: forget sends that completed
@@ -370,9 +367,7 @@ class StageComm:
         buf[-2] = note
         buf[-1] = tag
         parts = [torch.frombuffer(bytearray(structure), dtype=torch.uint8)] if structure else []
-        wire = self._wire_device
-        parts += [t.detach().to(wire).contiguous() for t in tensors]
-        self._outbox("activations", self.stage + 1).send(buf, parts)
+        self._outbox("activations", self.stage + 1).send(buf, parts + tensors)
 
     def recv_activation(self, requires_grad: bool) -> Any:
         """Receive the previous stage's output; float tensors sent with ``requires_grad`` get it here too."""
@@ -506,7 +501,7 @@ class StageComm:
             buf = torch.zeros(_HEADER_LEN, dtype=torch.int64)
             buf[: len(header)] = torch.tensor(header, dtype=torch.int64)
             parts = [torch.frombuffer(bytearray(structure), dtype=torch.uint8)] if structure else []
-            self._outbox("values", dst_stage).send(buf, parts + [t.detach().contiguous() for t in tensors])
+            self._outbox("values", dst_stage).send(buf, parts + tensors)
 
     def recv_value(self, src_stage: int) -> Any:
         """Receive what :meth:`isend_value` sent, waiting at most ``timeout``."""
