@@ -11,13 +11,15 @@ properties, and so reads the base class's own ``_parallel_devices``, ``_precisio
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.device_dtype_mixin import _update_properties
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe, annotate_split_points
 from torch.nn.modules import transformer as _transformer
 from torch.utils import _pytree as pytree
@@ -36,6 +38,7 @@ __all__ = [
     "causal_mask_check",
     "data_source",
     "disable_distributed_sampler",
+    "keep_random_state",
     "metric_bookkeeping",
     "optimizers_to_device",
     "parameter_table",
@@ -65,6 +68,23 @@ optimizers_to_device = _optimizers_to_device
 def data_source(trainer: Any, loop_name: str) -> Any:
     """The ``_DataConnector`` source of a loop (``fit_loop``, ``validate_loop``, ...): the user's dataloader hook."""
     return getattr(getattr(trainer, loop_name, None), "_data_source", None)
+
+
+@contextmanager
+def keep_random_state() -> Iterator[None]:
+    """Undo any re-seeding inside the block: the random states of torch (CPU), numpy and Python are as before.
+
+    ``DDPStrategy.setup_distributed`` calls ``reset_seed()``, which puts every rank back to the state
+    ``seed_everything`` left, before the model was built. One device keeps the state after the model was built,
+    and that state draws the shuffled order of the data, so without this a pipeline trained on other batches than
+    one device with the same seed. CUDA's generators are left alone: reading them would start CUDA on every
+    device, and building the model on the CPU does not move them.
+    """
+    states = _collect_rng_states(include_cuda=False)
+    try:
+        yield
+    finally:
+        _set_rng_states(states)
 
 
 def disable_distributed_sampler(trainer: Any) -> None:

@@ -84,6 +84,9 @@ def time_optimizer_step(
     A fresh optimizer of the same class and settings steps over copies of the first parameters (up to ``budget``
     elements) with random gradients; the median of three steps after a warm-up is scaled to all of ``params``.
     Returns 0 when the optimizer cannot be rebuilt that way (its constructor wants more than parameter groups).
+    The gradients come from a generator of its own: drawing from the global one would move the random state
+    the training then starts from (the data's shuffled order, dropout) by an amount that depends on the stage's
+    size, and so on the cut.
     """
     params = [p for p in params if p.requires_grad and not p.is_meta]
     total = sum(p.numel() for p in params)
@@ -105,8 +108,9 @@ def time_optimizer_step(
         probe = type(optimizer)(groups)
     except (TypeError, ValueError):
         return 0.0
+    generator = torch.Generator(device=device).manual_seed(0)
     for copy in copies.values():
-        copy.grad = torch.randn_like(copy) * 1e-3
+        copy.grad = torch.randn(copy.shape, generator=generator, device=device, dtype=copy.dtype) * 1e-3
     times = []
     with torch.no_grad():
         for r in range(4):

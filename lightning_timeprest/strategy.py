@@ -249,7 +249,8 @@ class PipelineStrategyMixin:
 
     @override
     def setup_distributed(self) -> None:
-        super().setup_distributed()
+        with compat.keep_random_state():  # as one device: the seed's state after the model was built
+            super().setup_distributed()
         if self.world_size % self.num_stages:
             raise PipelineConfigError(
                 f"stages={self.num_stages} does not divide the {self.world_size} processes (devices x num_nodes); use "

@@ -45,6 +45,22 @@ def test_matches_single_device(tmp_path, reference, devices, schedule, optimizer
             assert got_epoch[k] == pytest.approx(ref_epoch[k], rel=1e-5, abs=1e-6), k
 
 
+def test_shuffled_data_matches_single_device(tmp_path, reference):
+    """The data order is drawn from the seed, as on one device: setting up the pipeline (cutting, timing the ops)
+    leaves every random state as it found it, so the shuffled batches and the result are the same."""
+    args = ("--epochs", "2", "--batch-size", "18", "--n", "2", "--shuffle", "--balance", "time")
+    ref = reference(*args)
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", "1f1b")
+    assert got["global_step"] == ref["global_step"] == 12
+    torch.testing.assert_close(
+        torch.tensor([s["train_loss_step"] for s in got["steps"]]),
+        torch.tensor([s["train_loss_step"] for s in ref["steps"]]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert_same_params(ref["state_dict"], got["state_dict"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_a_batch_smaller_than_n_matches_single_device(tmp_path, reference, schedule):

@@ -19,6 +19,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=18)
     p.add_argument("--val", action="store_true")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the training data (its order drawn from the seed)")
     p.add_argument("--start-method", default="popen")
     p.add_argument("--ckpt-dir", default=None)
     p.add_argument("--resume", default=None)
@@ -311,7 +313,10 @@ def main() -> None:
     make_loader = {"TiedLM": models.token_loader, "DictBatch": models.dict_loader}.get(args.model, models.loader)
     val = make_loader(args.eval_batch_size or args.batch_size) if args.val else None
     try:
-        trainer.fit(model, make_loader(args.batch_size), val, ckpt_path=args.resume)
+        train_loader = make_loader(args.batch_size)
+        if args.shuffle:
+            train_loader = DataLoader(train_loader.dataset, batch_size=args.batch_size, shuffle=True)
+        trainer.fit(model, train_loader, val, ckpt_path=args.resume)
     except RuntimeError:
         if os.environ.get("TEST_RAISE") and trainer.global_rank == 0:
             # a caller that catches the error and lives on (a notebook, a test): the other ranks must not wait
