@@ -204,8 +204,10 @@ class AsyncDriver:
 
         k = engine.newest + 1
         scope = metrics.metric_step_scope(module) if runtime.is_last else nullcontext()
+        # dynamic mode: wait for the results to replay while running the backwards that become ready
+        until = self._results_arriving if engine.dynamic and not runtime.is_last else None
         with stage.precision.train_step_context(), scope:
-            engine.run_step(call_user if runtime.runs_user_code else None, sizes, weights)
+            engine.run_step(call_user if runtime.runs_user_code else None, sizes, weights, until)
         if runtime.is_last:
             logged = metrics.reduce_logged(module, capture.calls[-len(sizes) :], sizes)
             loss = weighted_loss(engine.finished.pop(k), sizes)
@@ -242,6 +244,13 @@ class AsyncDriver:
         record = stats.as_tensor(now - self._clock).tolist()
         self._clock = now
         return record, self.stage.precision.take_hook_logs()
+
+    def _results_arriving(self) -> bool:
+        """Whether the step results :meth:`_report` replays next (from the last stage) are due and arriving, or
+        none are due."""
+        if self.engine.completed_on_stage0 <= self.ledger.reported:
+            return True
+        return self.stage.comm.object_arriving(self.stage.last_stage)
 
     def _report(self, completed: int, in_step: bool) -> None:
         """Replay what the mini-batches up to ``completed`` logged, and (rank 0) take the stage records owed."""

@@ -183,22 +183,29 @@ class AsyncRuntime:
     # -- steps ------------------------------------------------------------------------------------------------
 
     def run_step(
-        self, call_user: Callable[[int], Any] | None, sizes: Sequence[int], weights: Sequence[float]
+        self,
+        call_user: Callable[[int], Any] | None,
+        sizes: Sequence[int],
+        weights: Sequence[float],
+        until: Callable[[], bool] | None = None,
     ) -> list[int]:
         """Take in the next mini-batch and run this stage's ops of its step; return the mini-batches whose
-        backward (and optimizer step) completed on this stage."""
+        backward (and optimizer step) completed on this stage.
+
+        In dynamic mode the step also waits, running backwards as they become ready, until ``until()`` holds
+        (the driver's: the step results it must replay now have arrived)."""
         k = self.newest + 1
         self.newest = k
         self.pending[k] = _MiniBatch(k, call_user, weights, sizes, [g["lr"] for g in self.optimizer.param_groups])
         done_before = self.next_backward
-        if self.dynamic:
-            self._run_dynamic(k)
-        else:
-            for op in self.plan.step_ops(self.stage, k):
-                self._run(op)
         # reporting follows the static schedule on every rank, dynamic or not, so that all ranks agree
         stage0_ops = self.report_plan.step_ops(0, k)
         self.completed_on_stage0 += sum(op.kind is OpKind.BACKWARD for op in stage0_ops)
+        if self.dynamic:
+            self._run_dynamic(k, until)
+        else:
+            for op in self.plan.step_ops(self.stage, k):
+                self._run(op)
         return list(range(done_before, self.next_backward))
 
     def drain(self) -> list[int]:
@@ -269,8 +276,10 @@ class AsyncRuntime:
             return True
         return self.comm.post_activation_header().ready()
 
-    def _run_dynamic(self, k: int) -> None:
-        """Backward priority on what has arrived; return once the forwards of ``k`` ran and no backward is ready."""
+    def _run_dynamic(self, k: int, until: Callable[[], bool] | None) -> None:
+        """Backward priority on what has arrived; return once the forwards of ``k`` ran, no backward is ready and
+        ``until()`` holds. (Waiting for ``until`` here rather than after the step lets a backward whose gradient
+        arrives meanwhile run at once: the step results a stage waits for come right after that gradient.)"""
         deadline = time.monotonic() + self.comm.timeout.total_seconds()
         while True:
             # cleared before the checks, so that an arrival during them makes the wait below return at once
@@ -280,13 +289,13 @@ class AsyncRuntime:
             elif self._forward_ready(k):
                 m, j = self.next_forward
                 self._run(Op(OpKind.FORWARD, m, j))
-            elif self.next_forward[0] > k:
+            elif self.next_forward[0] > k and (until is None or until()):
                 return
             else:
                 if time.monotonic() > deadline:
                     raise PipelineCommError(
-                        f"stage {self.stage}: neither an activation nor a gradient arrived within "
-                        f"{self.comm.timeout.total_seconds():.0f} s; a neighbouring stage is stuck"
+                        f"stage {self.stage}: nothing it waits for (an activation, a gradient, step results) arrived "
+                        f"within {self.comm.timeout.total_seconds():.0f} s; a neighbouring stage is stuck"
                     )
                 waited = time.perf_counter()
                 self.comm.arrived.wait(timeout=1.0)

@@ -512,6 +512,11 @@ class StageComm:
         structure = parts[0].numpy().tobytes() if nbytes else b""
         return _unflatten(kind, parts[len(parts) - count :], structure)
 
+    def object_arriving(self, src_stage: int) -> bool:
+        """Whether the next object from ``src_stage`` has begun to arrive (its header is in), without blocking; its
+        arrival sets :attr:`arrived`."""
+        return self._inbox("objects", src_stage).post().ready()
+
     def recv_object_from(self, src_stage: int) -> Any:
         """Receive an object sent with :meth:`isend_object`, waiting at most ``timeout``."""
         _, parts = self._inbox("objects", src_stage).take(lambda v: _layout(v, 2))
