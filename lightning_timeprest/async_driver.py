@@ -120,6 +120,10 @@ class Ledger:
     def __post_init__(self) -> None:
         self.received = dict.fromkeys(range(1, self.num_stages - 1), 0)
 
+    def owes_results(self, completed: int) -> bool:
+        """Whether :meth:`results_due` would give any mini-batch for ``completed`` (without marking them)."""
+        return completed > self.reported
+
     def results_due(self, completed: int) -> range:
         """The mini-batches to replay once stage 0 has completed those up to ``completed``; marks them reported."""
         due = range(self.reported + 1, completed + 1)
@@ -248,7 +252,7 @@ class AsyncDriver:
     def _results_arriving(self) -> bool:
         """Whether the step results :meth:`_report` replays next (from the last stage) are due and arriving, or
         none are due."""
-        if self.engine.completed_on_stage0 <= self.ledger.reported:
+        if not self.ledger.owes_results(self.engine.completed_on_stage0):
             return True
         return self.stage.comm.object_arriving(self.stage.last_stage)
 

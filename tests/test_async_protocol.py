@@ -28,7 +28,10 @@ def test_each_result_is_replayed_once_in_order_when_stage_zero_finishes_it(sched
     ledger = Ledger(w)
     replayed: list[tuple[int, int]] = []  # (mini-batch, step)
     for k, c in enumerate(completed):
-        replayed += [(m, k) for m in ledger.results_due(c)]
+        owed = ledger.owes_results(c)  # what dynamic mode waits on before the step ends
+        due = ledger.results_due(c)
+        assert owed == bool(due) and not ledger.owes_results(c)
+        replayed += [(m, k) for m in due]
     replayed += [(m, steps) for m in ledger.results_due(steps - 1)]  # the drain finishes the rest
     assert [m for m, _ in replayed] == list(range(steps))
     # the lag: mini-batch m is replayed in the first step after which stage 0 has finished it (never earlier, as the
