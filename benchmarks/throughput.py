@@ -8,12 +8,15 @@ So here stage ``s`` runs on core ``s`` of the cores this process may use, with `
 default), and the one-device reference runs on one core with as many threads.
 
 Each configuration trains for a fixed number of steps in its own ``Trainer.fit`` (W processes started by
-Lightning's launcher, over gloo on CPU or nccl on GPU); samples per second are taken on rank 0 between the end of
-the warm-up steps and the end of training. The peers are torch.distributed.pipelining's ``ScheduleGPipe`` and
-``Schedule1F1B`` on the same model cut at the same place, with the optimizer stepped after each
-``schedule.step``, in a bare loop. Rows are repeated ``--repeats`` times, interleaved (every configuration once,
-then every configuration again, ...), and reported as the median with the spread (min-max) over the repeats:
-the machines here are shared and noisy, so only ratios within one invocation are compared.
+Lightning's launcher, over gloo on CPU or nccl on GPU); samples per second are taken on rank 0 in the steady state,
+between the end of the warm-up steps and the start of the last step. The asynchronous policies drain the pipeline
+in the last step of an epoch (every mini-batch in flight finishes); what that step takes beyond an average step is
+reported apart (``drain``), once per epoch: an epoch of S steps takes about S / (steps per second) + drain. The
+peers are torch.distributed.pipelining's ``ScheduleGPipe`` and ``Schedule1F1B`` on the same model cut at the same
+place, with the optimizer stepped after each ``schedule.step``, in a bare loop. Rows are repeated ``--repeats``
+times, interleaved (every configuration once, then every configuration again, ...), and reported as the median
+with the spread (min-max) over the repeats: the machines here are shared and noisy, so only ratios within one
+invocation are compared.
 
 Busy time per stage is what the strategy measures for ``pipeline/stage{s}/idle_fraction``: the time a stage
 computes (its forwards, backwards and, for the asynchronous policies, optimizer steps), without the time it waits
@@ -144,29 +147,38 @@ def worker(args: argparse.Namespace) -> None:
         """Pins each rank; rank 0's clock for samples/s, and on every rank the stage's busy and wall seconds after
         warm-up, read from the strategy's stage statistics."""
 
-        def __init__(self, warmup: int) -> None:
-            self.warmup, self.start, self.samples = warmup, 0.0, 0
+        def __init__(self, warmup: int, steps: int) -> None:
+            self.warmup, self.last, self.start, self.stop, self.samples = warmup, steps - 1, 0.0, 0.0, 0
             self.busy, self.wall, self.costs, self.order = 0.0, 0.0, None, None
 
         def setup(self, trainer, pl_module, stage):  # on every rank, before the model is partitioned
             pin(trainer.local_rank, args)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == self.warmup:
+            if trainer.global_step in (self.warmup, self.last):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                self.start = time.perf_counter()
+                now = time.perf_counter()
+                if trainer.global_step == self.warmup:
+                    self.start = now
+                else:
+                    self.stop = now
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step > self.warmup:
+            if self.warmup < trainer.global_step <= self.last:
                 self.samples += len(batch[0])
 
         def on_train_end(self, trainer, pl_module):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.seconds = time.perf_counter() - self.start
-            # the stage's busy and wall seconds after warm-up, from its records (those behind pipeline/stage{s}/...)
-            records = [r for r in getattr(trainer.strategy, "stats", []) if r.step >= self.warmup]
+            # the steady state: from the end of warm-up to the start of the last step, which (asynchronous
+            # policies) drains the pipeline at the end of the epoch; the drain is measured apart, as what the last
+            # step took beyond an average step
+            self.seconds = self.stop - self.start
+            self.drain = time.perf_counter() - self.stop - self.seconds / (self.last - self.warmup)
+            # the stage's busy and wall seconds in the steady state, from its records (those behind
+            # pipeline/stage{s}/...)
+            records = [r for r in getattr(trainer.strategy, "stats", []) if self.warmup <= r.step < self.last]
             self.busy, self.wall = sum(r.busy_s for r in records), sum(r.wall_s for r in records)
             clock = getattr(trainer.strategy, "op_clock", None)
             self.costs = clock.medians() if clock is not None else None
@@ -179,7 +191,7 @@ def worker(args: argparse.Namespace) -> None:
     seed_everything(0)
     spec = MODELS[args.model]
     module, _ = build(args.model)
-    measure = Measure(args.warmup)
+    measure = Measure(args.warmup, args.steps)
     if args.strategy == "single":
         strategy: Any = "auto"
     else:
@@ -212,6 +224,7 @@ def worker(args: argparse.Namespace) -> None:
     Path(f"{args.out}.rank{rank}").write_text(json.dumps(stage))
     if trainer.is_global_zero:
         result = {"seconds": measure.seconds, "samples": measure.samples, "order": measure.order}
+        result["drain_s"] = measure.drain
         Path(args.out).write_text(json.dumps(result))
 
 
@@ -304,6 +317,7 @@ def run(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             busy = [r["busy"] / r["wall"] if r["wall"] > 0 else None for r in ranks]
         measured = json.loads(out.read_text())
     result = {"samples_per_s": measured["samples"] / measured["seconds"], "busy_fraction": busy}
+    result["drain_s"] = measured.get("drain_s")
     if busy is not None and config["strategy"] != "single":
         costs = [r["costs"] for r in ranks]
         result["op_costs"] = costs
@@ -362,6 +376,8 @@ def median_row(config: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, 
     row["busy_fraction"] = _stage_medians([r["busy_fraction"] for r in runs])
     row["ideal_busy_fraction"] = _stage_medians([r.get("ideal_busy_fraction") for r in runs])
     row["orders"] = [r.get("order") for r in runs]
+    drains = [r["drain_s"] for r in runs if r.get("drain_s") is not None]
+    row["drain_s"] = statistics.median(drains) if drains else None
     return row
 
 
@@ -407,15 +423,16 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
     lines = [
         "| model | schedule | N | samples/s (min-max) | speed-up vs one device | vs gpipe | vs peer | busy/wall per "
-        "stage | ideal | work vs one device | ideal speed-up | speed-up / ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "stage | ideal | work vs one device | ideal speed-up | speed-up / ideal | drain, ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        drain = r.get("drain_s") if r["strategy"] not in ("single", *SYNCHRONOUS) else None
         lines.append(
             f"| {r['model']} | {r['strategy']} | {r['n']} | {r['samples_per_s']:.0f} ({r['min']:.0f}-{r['max']:.0f}) "
             f"| {num(r['speedup'])} | {num(r['vs_gpipe'])} | {num(r['vs_peer'])} "
             f"| {fractions(r.get('busy_fraction'))} | {fractions(r.get('ideal_busy_fraction'))} | {num(r['work'])} "
-            f"| {num(r['ideal_speedup'])} | {num(r['of_ideal'])} |"
+            f"| {num(r['ideal_speedup'])} | {num(r['of_ideal'])} | {'-' if drain is None else f'{1e3 * drain:.0f}'} |"
         )
     measured = ", ".join(f"{m}: {v['measured']}" for m, v in MODELS.items())
     pinning = (
@@ -427,8 +444,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines += [
         "",
         f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, {args.accelerator}; "
-        f"{pinning}. W = {args.devices}; each row measured over {measured} steps after {args.warmup} warm-up "
-        f"steps; medians of {args.repeats} interleaved repeats. {ALLOCATOR_NOTE}",
+        f"{pinning}. W = {args.devices}; each row runs {measured} steps after {args.warmup} warm-up steps and is "
+        "measured in the steady state, up to the start of its last step (peers: every step after warm-up); medians "
+        f"of {args.repeats} interleaved repeats. {ALLOCATOR_NOTE}",
         "",
         "`peer-*`: torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B on the same model and cut, pinned the",
         "same way, in a bare loop (one fixed batch, no Lightning loop, no logging). `vs gpipe`: against gpipe at the",
@@ -440,6 +458,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "compute per sample, summed, over one device's (speed-up = sum of busy fractions / work). `ideal speed-up`:",
         "the sum of the ideal busy fractions over that work. `pipedream` runs each mini-batch as one micro-batch.",
         f"`{DYNAMIC}`: ops ordered by what has arrived; `{UNIT}`: the paper's unit-slot nF1B grid replayed.",
+        "`drain`: what the last step of the epoch took beyond an average step (the asynchronous policies finish",
+        "every mini-batch in flight there), once per epoch; the synchronous schedules have none.",
     ]
     return "\n".join(lines)
 
