@@ -21,7 +21,7 @@ with forwards of later mini-batches (at most ``max_inflight`` held), so its busy
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -150,8 +150,32 @@ class OpCosts:
         return len(self.forward)
 
     def backward_op(self, stage: int, num_microbatches: int) -> float:
-        """An nF1B backward of a whole mini-batch, with its optimizer step."""
+        """An nF1B backward of a whole mini-batch, with its optimizer step (compute only; see
+        :meth:`backward_times` for when it ends)."""
         return num_microbatches * self.backward[stage] + self.step[stage]
+
+    def backward_times(
+        self, stage: int, num_microbatches: int, start: float, grads: Sequence[float] | None
+    ) -> tuple[float, list[float]]:
+        """When an nF1B backward op on ``stage`` that starts at ``start`` ends, and when the gradient of each of its
+        micro-batches' inputs leaves for the stage before.
+
+        ``grads`` are the times the gradients of the stage's outputs arrive, one per micro-batch (``None`` on the
+        last stage, which back-propagates the mini-batch loss through every micro-batch in one pass and sends the
+        N gradients after it). A stage before the last back-propagates each micro-batch when its gradient has
+        arrived and sends its input's gradient on at once, so consecutive stages overlap their backwards; each
+        stage's optimizer step follows its last micro-batch and delays nobody else.
+        """
+        cost = self.backward[stage]
+        if grads is None:
+            done = start + num_microbatches * cost
+            sent = [done] * num_microbatches
+        else:
+            done, sent = start, []
+            for arrival in grads:
+                done = max(done, arrival) + cost
+                sent.append(done)
+        return done + self.step[stage], sent
 
     def rounded(self, digits: int = 2) -> OpCosts:
         """The costs relative to the mean forward, to ``digits`` significant digits: measured costs that differ by
@@ -328,7 +352,7 @@ def _cost_stream(
     w, n = costs.num_stages, num_microbatches
     last = w - 1
     fwd_end: dict[tuple[int, int, int], float] = {}
-    bwd_end: dict[tuple[int, int], float] = {}
+    bwd_sent: dict[tuple[int, int], list[float]] = {}  # when each micro-batch's gradient leaves a stage's backward
     free = [0.0] * w
     next_fwd = [0] * w
     next_bwd = [0] * w
@@ -338,9 +362,9 @@ def _cost_stream(
             m = next_bwd[s]
             if m < next_fwd[s] // n:  # every forward of m was placed here
                 ready: float | None = fwd_end[(s, m, n - 1)]  # (a stage's forwards end in order)
-                if s < last:
-                    after = bwd_end.get((s + 1, m))
-                    ready = None if after is None else max(fwd_end[(s, m, n - 1)], after + costs.transfer)
+                if s < last:  # from the first gradient's arrival on
+                    sent = bwd_sent.get((s + 1, m))
+                    ready = None if sent is None else max(fwd_end[(s, m, n - 1)], sent[0] + costs.transfer)
                 if ready is not None:
                     best = min(best or (math.inf, 0, 0), (max(free[s], ready), 0, s))
             mb, j = divmod(next_fwd[s], n)
@@ -357,11 +381,12 @@ def _cost_stream(
         start, kind, s = best
         if kind == 0:
             m = next_bwd[s]
-            free[s] = bwd_end[(s, m)] = start + costs.backward_op(s, n)
+            grads = None if s == last else [t + costs.transfer for t in bwd_sent[(s + 1, m)]]
+            free[s], bwd_sent[(s, m)] = costs.backward_times(s, n, start, grads)
             next_bwd[s] += 1
             if s == 0:  # every stage is done with this mini-batch: forget it
                 for t in range(w):
-                    bwd_end.pop((t, m), None)
+                    bwd_sent.pop((t, m), None)
                     for j in range(n):
                         fwd_end.pop((t, m, j), None)
             yield s, Op(OpKind.BACKWARD, m, None), start, free[s]
@@ -757,12 +782,15 @@ def timeline(schedule: Schedule, costs: OpCosts) -> list[list[tuple[Op, float, f
     its inputs exist: ``timeline[s]`` lists ``(op, start, end)`` in the stage's order.
 
     A synchronous backward covers one micro-batch; an asynchronous one the N micro-batches of its mini-batch and
-    the optimizer step after it (:meth:`OpCosts.backward_op`). An input from another stage arrives
-    ``costs.transfer`` after its op ended.
+    the optimizer step after it, and starts when the first gradient has arrived (:meth:`OpCosts.backward_times`:
+    it may then wait for the others, ``end - start`` is not its compute). An input from another stage arrives
+    ``costs.transfer`` after its op ended (a gradient, after the micro-batch's backward there).
     """
     if costs.num_stages != schedule.num_stages:
         raise ScheduleError(f"op costs for {costs.num_stages} stages given for a {schedule.num_stages}-stage schedule")
     end: dict[tuple[int, Op], float] = {}
+    sent: dict[tuple[int, Op], list[float]] = {}  # asynchronous backwards: when each micro-batch's gradient left
+    last, n = schedule.num_stages - 1, schedule.num_microbatches
     free = [0.0] * schedule.num_stages
     cursor = [0] * schedule.num_stages
     out: list[list[tuple[Op, float, float]]] = [[] for _ in range(schedule.num_stages)]
@@ -775,21 +803,30 @@ def timeline(schedule: Schedule, costs: OpCosts) -> list[list[tuple[Op, float, f
                 deps = list(_dependencies(op, s, schedule))
                 if any(dep not in end for dep in deps):
                     break
-                if op.kind is OpKind.FORWARD:
-                    cost = costs.forward[s]
-                elif op.microbatch is not None:
-                    cost = costs.backward[s]
+                if op.kind is OpKind.BACKWARD and op.microbatch is None:
+                    grads = None if s == last else [t + costs.transfer for t in sent[(s + 1, op)]]
+                    own = [end[dep] for dep in deps if dep[0] == s]
+                    start = max([free[s], *own, *(grads or [])[:1]])
+                    stop, sent[(s, op)] = costs.backward_times(s, n, start, grads)
                 else:
-                    cost = costs.backward_op(s, schedule.num_microbatches)
-                start = max([free[s], *(end[dep] + (costs.transfer if dep[0] != s else 0.0) for dep in deps)])
-                end[(s, op)] = free[s] = start + cost
-                out[s].append((op, start, start + cost))
+                    cost = costs.forward[s] if op.kind is OpKind.FORWARD else costs.backward[s]
+                    start = max([free[s], *(end[dep] + (costs.transfer if dep[0] != s else 0.0) for dep in deps)])
+                    stop = start + cost
+                end[(s, op)] = free[s] = stop
+                out[s].append((op, start, stop))
                 cursor[s] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:
             raise ScheduleError(f"schedule {schedule.name!r} deadlocks")
     return out
+
+
+def _compute(op: Op, stage: int, costs: OpCosts, num_microbatches: int) -> float:
+    """What ``op`` computes on ``stage`` (an asynchronous backward may also wait inside, for gradients)."""
+    if op.kind is OpKind.FORWARD:
+        return costs.forward[stage]
+    return costs.backward[stage] if op.microbatch is not None else costs.backward_op(stage, num_microbatches)
 
 
 def _span(times: list[list[tuple[Op, float, float]]]) -> float:
@@ -811,7 +848,7 @@ def busy_fractions(
     """
     costs = costs or OpCosts.uniform(schedule.num_stages, forward_cost, backward_cost)
     times = timeline(schedule, costs)
-    busy = [sum(end - start for _, start, end in ops) for ops in times]
+    busy = [sum(_compute(op, s, costs, schedule.num_microbatches) for op, _, _ in ops) for s, ops in enumerate(times)]
     span = _span(times)
     if schedule.synchronous:
         busy = [b + step for b, step in zip(busy, costs.step, strict=True)]

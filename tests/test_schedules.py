@@ -60,7 +60,12 @@ def test_busy_fractions(w, n):
         assert busy_fractions(schedule, 1.0, 1.0) == pytest.approx([1 - bubble_fraction(schedule)] * w)
     for schedule in (nf1b(w, n, 6), pipedream_1f1b(w, 6)):
         per_op = 1.0 / schedule.num_microbatches
-        assert busy_fractions(schedule, 1.0, per_op) == pytest.approx([1 - bubble_fraction(schedule)] * w)
+        unit = [1 - bubble_fraction(schedule)] * w
+        timed = busy_fractions(schedule, 1.0, per_op)
+        if schedule.num_microbatches > 1 and w > 2:  # a middle stage sends gradients on before its backward op ends
+            assert all(t >= u - 1e-9 for t, u in zip(timed, unit, strict=True)) and timed != pytest.approx(unit)
+        else:
+            assert timed == pytest.approx(unit)
     # a flushed pipeline's bubble does not depend on the forward:backward ratio
     assert busy_fractions(gpipe(w, n)) == pytest.approx([n / (n + w - 1)] * w)
     # a stream without flushes fills once: in the unit-slot model its busy fraction approaches 1 as mini-batches
@@ -185,7 +190,9 @@ def _check_nf1b_rules(schedule, costs, cap):
         # 4. a ready backward before a ready forward: no forward starts once the next backward could start
         ready: dict[int, float] = {}
         ends = {op: end for op, _, end in times[s]}
-        after = {op.minibatch: end for op, _, end in times[s + 1] if op.kind is B} if s < w - 1 else {}
+        # the backward below sends its first gradient after one micro-batch's backward (the last stage: after all)
+        first = costs.backward[s + 1] * (n if s + 1 == w - 1 else 1) if s < w - 1 else 0.0
+        after = {op.minibatch: start + first for op, start, _ in times[s + 1] if op.kind is B} if s < w - 1 else {}
         backwards = iter(op.minibatch for op in ops if op.kind is B)
         pending = next(backwards, None)
         held = 0
@@ -200,6 +207,18 @@ def _check_nf1b_rules(schedule, costs, cap):
             if pending is not None and Op(F, pending, n - 1) in ends and ends[Op(F, pending, n - 1)] <= start:
                 ready[pending] = max(ends[Op(F, pending, n - 1)], after.get(pending, float("inf")))
                 assert ready[pending] > start, f"stage {s} ran {op} at {start} while backward {pending} was ready"
+
+
+def test_backwards_overlap_down_the_pipeline():
+    # a stage sends each micro-batch's gradient on as soon as its backward is done, and steps after the last one:
+    # the stage before starts from the first gradient, not after that step, and waits inside for the others
+    costs = OpCosts((1.0,) * 3, (1.0, 2.0, 2.0), (5.0,) * 3)
+    times = timeline(nf1b(3, 2, 1), costs)
+    backward = [next((start, end) for op, start, end in times[s] if op.kind is B) for s in range(3)]
+    assert backward[2] == (4.0, 13.0)  # the last stage: both micro-batches in one pass (4..8), then its step
+    assert backward[1] == (8.0, 17.0)  # sends micro-batch 0's gradient at 10, 1's at 12, steps 12..17
+    assert backward[0] == (10.0, 18.0)  # micro-batch 0 at 10..11, waits for 1's gradient, 12..13, steps
+    assert busy_fractions(nf1b(3, 2, 1), costs=costs)[0] == pytest.approx((2 * 1.0 + 2 * 1.0 + 5.0) / 18.0)
 
 
 @pytest.mark.parametrize("w", [2, 3, 4, 5, 6])
