@@ -126,6 +126,9 @@ class VersionStore:
         self.param_bytes = sum(p.numel() * p.element_size() for p in params)
         self.peak_versions = 1
         self._temporaries = 0  # copies alive only during backwards: W~ and the graph rule's saved live weights
+        # (version, copy of the live weights) left by a backward that overwrote them and put them back: the
+        # snapshot of that version, should the optimizer step after it need one, without copying them again
+        self._spare: tuple[int, list[Tensor]] | None = None
 
     # -- what forwards read ----------------------------------------------------------------------------------
 
@@ -181,9 +184,14 @@ class VersionStore:
     @contextmanager
     def stepping(self) -> Iterator[None]:
         """Wrap the optimizer step: snapshot the live version first if a pending op still needs its values."""
+        spare, self._spare = self._spare, None
         if self._needed(self.version) and self.version not in self.snapshots:
-            self.snapshots[self.version] = [p.detach().clone() for p in self.params]
+            if spare is not None and spare[0] == self.version:
+                self.snapshots[self.version] = spare[1]
+            else:
+                self.snapshots[self.version] = [p.detach().clone() for p in self.params]
             self.peak_versions = max(self.peak_versions, self.versions_held)
+        del spare
         yield
         self.version += 1
         self._live = None
@@ -192,6 +200,7 @@ class VersionStore:
     def reset(self) -> None:
         """Forget every version (the pipeline is drained: nothing pending); the live weights become version 0."""
         self.snapshots.clear()
+        self._spare = None
         self._pins.clear()
         self._keep_from = None
         self.version = 0
@@ -270,6 +279,8 @@ class VersionStore:
             with torch.no_grad():
                 for s, v in zip(leaves.storage, saved, strict=True):
                     s.copy_(v)
+            if all(s.data_ptr() == p.data_ptr() for s, p in zip(leaves.storage, self.params, strict=True)):
+                self._spare = (self.version, saved)
 
     def lend_grads(self, leaves: LeafSet) -> None:
         """Let a backward through ``leaves`` accumulate into the parameters' ``.grad`` tensors in place (autograd
