@@ -7,8 +7,8 @@ The runtime (:mod:`lightning_timeprest.runtime`) executes one stage's list of op
 Two timing models. :func:`simulate` is the unit-slot model the TiMePReSt paper draws its grids in: every op takes
 one slot, a stage runs at most one op per slot, and an op may only use results produced in earlier slots.
 :func:`timeline` gives ops their costs (:class:`OpCosts`: a backward costs about twice its forward, and an nF1B
-backward covers N micro-batches and is followed by an optimizer step), which is what :func:`busy_fractions`
-measures a schedule's ideal with.
+backward covers N micro-batches and is followed by an optimizer step; it passes each micro-batch's gradient on as
+it goes, :meth:`OpCosts.backward_times`), which is what :func:`busy_fractions` measures a schedule's ideal with.
 
 The nF1B order (TiMePReSt's asynchronous schedule) is generated, not written down: :class:`NF1BOrder` says how.
 With ``costs=None`` it is the paper's unit-slot grid; with op costs it is list scheduling under the same four rules
