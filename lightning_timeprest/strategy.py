@@ -113,7 +113,7 @@ class PipelineStrategyMixin:
             the fastest order for the measured op costs (list scheduling under nF1B's rules, or the paper's grid
             when that is faster); ``"unit"`` replays the paper's unit-slot grid.
         max_inflight: the most mini-batches an nF1B stage holds at once (forwarded, backward not yet run), which
-            bounds activation memory and staleness. Default: chosen for speed (the smallest cap within 1% of the
+            bounds activation memory and staleness. Default: chosen for speed (the smallest cap within 3% of the
             fastest; for timeprest_v the fastest with version difference v = 1).
         op_costs: per stage ``[forward, backward, step]`` (one micro-batch's forward and backward, the optimizer
             step; any unit) to generate the nF1B order from, instead of measuring them at setup. Measured costs

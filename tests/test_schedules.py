@@ -1,6 +1,7 @@
 import pytest
 
 from lightning_timeprest.schedules import (
+    CAP_TOLERANCE,
     NF1BOrder,
     Op,
     OpCosts,
@@ -252,7 +253,7 @@ def test_the_chosen_order_keeps_every_stage_busy(w, n):
     costs = OpCosts.uniform(w)
     choice = choose_order(w, n, costs)
     assert min(busy_fractions(nf1b(w, n, 64, choice.order), costs=costs)) >= 0.9
-    assert min(choice.busy) >= 0.99  # in the steady state
+    assert min(choice.busy) >= 1 - CAP_TOLERANCE  # in the steady state (the fastest order reaches 1.0)
 
 
 def test_cost_aware_order_beats_the_unit_grid_when_backwards_cost_more():
@@ -292,7 +293,7 @@ def test_the_default_cap_is_the_smallest_that_is_as_fast():
     costs = OpCosts.uniform(3, 1.0, 2.0, 1.0)
     choice = choose_order(3, 4, costs)
     smaller = choose_order(3, 4, costs, choice.order.max_inflight - 1)
-    assert min(smaller.busy) < 0.99 * min(choice.busy)
+    assert min(smaller.busy) < (1 - CAP_TOLERANCE) * min(choice.busy)
     assert choice.in_flight[0] == nf1b(3, 4, 30, choice.order).max_forwards_in_flight(0)
 
 
