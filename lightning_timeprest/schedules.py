@@ -817,9 +817,8 @@ def timeline(schedule: Schedule, costs: OpCosts) -> list[list[tuple[Op, float, f
                     start = max([free[s], *own, *(grads or [])[:1]])
                     stop, sent[(s, op)] = costs.backward_times(s, n, start, grads)
                 else:
-                    cost = costs.forward[s] if op.kind is OpKind.FORWARD else costs.backward[s]
                     start = max([free[s], *(end[dep] + (costs.transfer if dep[0] != s else 0.0) for dep in deps)])
-                    stop = start + cost
+                    stop = start + _compute(op, s, costs, n)
                 end[(s, op)] = free[s] = stop
                 out[s].append((op, start, stop))
                 cursor[s] += 1

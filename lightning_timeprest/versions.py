@@ -126,9 +126,9 @@ class VersionStore:
         self.param_bytes = sum(p.numel() * p.element_size() for p in params)
         self.peak_versions = 1
         self._temporaries = 0  # copies alive only during backwards: W~ and the graph rule's saved live weights
-        # (version, copy of the live weights) left by a backward that overwrote them and put them back: the
-        # snapshot of that version, should the optimizer step after it need one, without copying them again
-        self._spare: tuple[int, list[Tensor]] | None = None
+        # a copy of the live weights left by a backward that overwrote them and put them back: the snapshot of
+        # this version, should the optimizer step after it need one (every step, and reset, let it go)
+        self._spare: list[Tensor] | None = None
 
     # -- what forwards read ----------------------------------------------------------------------------------
 
@@ -186,8 +186,8 @@ class VersionStore:
         """Wrap the optimizer step: snapshot the live version first if a pending op still needs its values."""
         spare, self._spare = self._spare, None
         if self._needed(self.version) and self.version not in self.snapshots:
-            if spare is not None and spare[0] == self.version:
-                self.snapshots[self.version] = spare[1]
+            if spare is not None:
+                self.snapshots[self.version] = spare
             else:
                 self.snapshots[self.version] = [p.detach().clone() for p in self.params]
             self.peak_versions = max(self.peak_versions, self.versions_held)
@@ -280,7 +280,7 @@ class VersionStore:
                 for s, v in zip(leaves.storage, saved, strict=True):
                     s.copy_(v)
             if all(s.data_ptr() == p.data_ptr() for s, p in zip(leaves.storage, self.params, strict=True)):
-                self._spare = (self.version, saved)
+                self._spare = saved
 
     def lend_grads(self, leaves: LeafSet) -> None:
         """Let a backward through ``leaves`` accumulate into the parameters' ``.grad`` tensors in place (autograd
