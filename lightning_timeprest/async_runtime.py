@@ -473,7 +473,8 @@ class AsyncRuntime:
         if graph is not None:  # graph rule: the saved weights read the backward weights
             leaves = graph
             self.store.lend_grads(leaves)
-            with self.store.reading_backward(leaves, self.policy, version, self.alpha) as d:
+            readers = sum(mb.micro[j].pinned for j in js)
+            with self.store.reading_backward(leaves, self.policy, version, self.alpha, readers) as d:
                 self.stats.staleness += [d] * len(js)
                 for j in js:
                     record = mb.micro[j]

@@ -14,9 +14,12 @@ pipedream      the live weights                          the forward's weights (
 =============  =======================================  ==========================================
 
 ``d`` (degree of staleness) is the number of steps the stage took between a micro-batch's forward and its
-backward. :class:`VersionStore` keeps the live parameters plus copy-on-write snapshots: a version is copied
-only at the moment an optimizer step would overwrite it while a pending op still needs it, and dropped as soon
-as none does. So V-TiMePReSt never copies anything, and a stage whose ``d`` is always 0 (the last stage) neither.
+backward. :class:`VersionStore` keeps the live parameters plus copy-on-write snapshots: a version is kept only
+at the moment an optimizer step would overwrite it while a pending op still needs it, and dropped as soon as none
+does. So V-TiMePReSt never copies anything, and a stage whose ``d`` is always 0 (the last stage) neither. Where
+pending backwards will read the stale version itself (PipeDream, I-TiMePReSt), the storage their graphs saved is
+kept as the snapshot and the step updates a copy moved into the parameters: the backward then finds the stale
+weights where its graph reads them, instead of having them copied in and the live ones put back.
 
 Forwards never read the ``nn.Parameter`` objects themselves: they read *leaves*, tensors that share the
 storage of the parameters (or of a snapshot) but have their own autograd version counter. The optimizer can
@@ -103,6 +106,10 @@ class LeafSet:
         self.leaves = [_alias(t) for t in storage]
 
 
+def _same_storage(a: list[Tensor], b: list[Tensor]) -> bool:
+    return all(x.data_ptr() == y.data_ptr() for x, y in zip(a, b, strict=True))
+
+
 def _alias(t: Tensor) -> Tensor:
     leaf = t.data  # shares the storage, not the version counter
     return leaf.requires_grad_(True)
@@ -121,14 +128,18 @@ class VersionStore:
         self.version = 0
         self.snapshots: dict[int, list[Tensor]] = {}
         self._live: LeafSet | None = None
+        self._kept: dict[int, LeafSet] = {}  # the leaves reading each snapshot, shared by the forwards that read it
         self._pins: dict[int, int] = {}  # version -> number of pending ops that need its values later
         self._keep_from: int | None = None  # vertical sync: versions >= this may still be read by a forward
         self.param_bytes = sum(p.numel() * p.element_size() for p in params)
         self.peak_versions = 1
-        self._temporaries = 0  # copies alive only during backwards: W~ and the graph rule's saved live weights
-        # a copy of the live weights left by a backward that overwrote them and put them back: the snapshot of
-        # this version, should the optimizer step after it need one (every step, and reset, let it go)
-        self._spare: list[Tensor] | None = None
+        self._temporaries = 0  # copies alive only during backwards: W~ and the graph rule's saved weights
+        # the step may move the parameters to new storage (keeping the old one as a snapshot) only where each
+        # owns its storage: parameters sharing one (tied by storage, views of a flat buffer) must stay together
+        storages = [p.untyped_storage() for p in params]
+        self._movable = len({st.data_ptr() for st in storages}) == len(params) and all(
+            st.nbytes() == p.numel() * p.element_size() for st, p in zip(storages, params, strict=True)
+        )
 
     # -- what forwards read ----------------------------------------------------------------------------------
 
@@ -143,7 +154,10 @@ class VersionStore:
             return self.live_leaves()
         if version not in self.snapshots:
             raise RuntimeError(f"weight version {version} is no longer held (live version {self.version})")
-        return LeafSet(version, self.snapshots[version])
+        leaves = self._kept.get(version)
+        if leaves is None:
+            leaves = self._kept[version] = LeafSet(version, self.snapshots[version])
+        return leaves
 
     # -- bookkeeping of what pending ops need ------------------------------------------------------------------
 
@@ -169,7 +183,11 @@ class VersionStore:
 
     def _collect(self) -> None:
         for v in [v for v in self.snapshots if not self._needed(v)]:
-            del self.snapshots[v]
+            self._drop(v)
+
+    def _drop(self, version: int) -> None:
+        del self.snapshots[version]
+        self._kept.pop(version, None)
 
     @property
     def versions_held(self) -> int:
@@ -183,15 +201,22 @@ class VersionStore:
 
     @contextmanager
     def stepping(self) -> Iterator[None]:
-        """Wrap the optimizer step: snapshot the live version first if a pending op still needs its values."""
-        spare, self._spare = self._spare, None
+        """Wrap the optimizer step: snapshot the live version first if a pending op still needs its values.
+
+        If pending backwards will read this version (they pinned it), the parameters' storage, which their graphs
+        saved, becomes the snapshot and the parameters move to a copy that the step updates: one pass over the
+        weights, as a copy would take, and the backwards then read the stale weights in place."""
         if self._needed(self.version) and self.version not in self.snapshots:
-            if spare is not None:
-                self.snapshots[self.version] = spare
+            if self.version in self._pins and self._movable:
+                kept = [p.data for p in self.params]
+                for p, t in zip(self.params, kept, strict=True):
+                    p.data = t.clone()
+                self.snapshots[self.version] = kept
+                if self._live is not None:  # the forwards that read the live leaves read the snapshot now
+                    self._kept[self.version] = self._live
             else:
                 self.snapshots[self.version] = [p.detach().clone() for p in self.params]
             self.peak_versions = max(self.peak_versions, self.versions_held)
-        del spare
         yield
         self.version += 1
         self._live = None
@@ -200,7 +225,7 @@ class VersionStore:
     def reset(self) -> None:
         """Forget every version (the pipeline is drained: nothing pending); the live weights become version 0."""
         self.snapshots.clear()
-        self._spare = None
+        self._kept.clear()
         self._pins.clear()
         self._keep_from = None
         self.version = 0
@@ -229,45 +254,71 @@ class VersionStore:
         return [torch.lerp(w, s, a) for w, s in zip(latest, stale, strict=True)], d
 
     @contextmanager
-    def reading(self, leaves: LeafSet, values: list[Tensor]) -> Iterator[None]:
-        """Make ``leaves`` (and every graph that saved them) read ``values`` until the block ends."""
-        if all(v is s or (v.data_ptr() == s.data_ptr()) for v, s in zip(values, leaves.storage, strict=True)):
-            yield
-            return
-        held = [self.params[0].data, *(snapshot[0] for snapshot in self.snapshots.values())]
-        # the copy of what the storage held, and W~ unless ``values`` is a version the store holds anyway
-        extra = 1 + (0 if any(values[0].data_ptr() == h.data_ptr() for h in held) else 1)
-        with self._overwritten(leaves, lambda s, i: s.copy_(values[i]), extra):
-            yield
-
-    @contextmanager
     def reading_backward(
-        self, leaves: LeafSet, policy: Policy, forward_version: int, alpha: Callable[[int], float]
+        self,
+        leaves: LeafSet,
+        policy: Policy,
+        forward_version: int,
+        alpha: Callable[[int], float],
+        readers: int = 0,
     ) -> Iterator[int]:
-        """The graph rule: make ``leaves`` read the backward weights of a micro-batch whose forward read
-        ``forward_version`` (:meth:`backward_values`) until the block ends; yields ``d``.
+        """The graph rule: make ``leaves`` (and every graph that saved them) read the backward weights of a
+        micro-batch whose forward read ``forward_version`` (:meth:`backward_values`) until the block ends; yields
+        ``d``. ``readers``: how many of the version's pins (:meth:`pin`) belong to this backward.
 
-        When the leaves are the live weights and the backward reads I-TiMePReSt's W~, W~ is built in their
-        storage (``lerp_``) and the live weights put back after: one pass over the weights less than building W~
-        apart and copying it in, and no W~ beside the copy of the live weights."""
+        The weights are written into the leaves' storage: I-TiMePReSt's W~ built there directly (``lerp`` into
+        it), other weights copied in. What the storage held is copied aside and put back after only if it is a
+        version still needed: the live weights, or a snapshot another pending op reads. Stashed weights need
+        nothing done: the leaves' storage is the version's snapshot (:meth:`stepping`)."""
         d = self.version - forward_version
         a = float(alpha(d)) if policy.backward == "intermediate" and d > 0 else None
-        live = all(s.data_ptr() == p.data_ptr() for s, p in zip(leaves.storage, self.params, strict=True))
-        if a is None or a in (0.0, 1.0) or not live:
+        write: Callable[[Tensor, int], object]
+        if a is not None and a not in (0.0, 1.0):
+            stale, latest = self.snapshots[forward_version], [p.data for p in self.params]
+
+            def write(s: Tensor, i: int) -> object:  # W~ = lerp(latest, stale, a), possibly over stale itself
+                return torch.lerp(latest[i], stale[i], a, out=s)
+
+        else:
             values, d = self.backward_values(policy, forward_version, alpha)
-            with self.reading(leaves, values):
+            if _same_storage(values, leaves.storage):
+                yield d
+                return
+
+            def write(s: Tensor, i: int) -> object:
+                return s.copy_(values[i])
+
+        holder = self._holder(leaves.storage)
+        if holder == self.version or (holder is not None and self._read_later(holder, readers)):
+            with self._overwritten(leaves, write):
                 yield d
             return
-        stale = self.snapshots[forward_version]
-        with self._overwritten(leaves, lambda s, i: s.lerp_(stale[i], a), 1):
-            yield d
+        # no pending op needs what the storage holds after this backward (a snapshot read here for the last time,
+        # or one let go already): the backward weights replace it
+        self.peak_versions = max(self.peak_versions, self.versions_held + self._temporaries)
+        if holder is not None:
+            self._drop(holder)
+        with torch.no_grad():
+            for i, s in enumerate(leaves.storage):
+                write(s, i)
+        yield d
+
+    def _holder(self, storage: list[Tensor]) -> int | None:
+        """The version ``storage`` holds: the live one, a snapshot's, or ``None`` (a snapshot let go)."""
+        if _same_storage(storage, [p.data for p in self.params]):
+            return self.version
+        return next((v for v, snapshot in self.snapshots.items() if _same_storage(storage, snapshot)), None)
+
+    def _read_later(self, version: int, readers: int) -> bool:
+        """Whether a pending op other than a backward holding ``readers`` of its pins still needs ``version``."""
+        return self._pins.get(version, 0) > readers or (self._keep_from is not None and version >= self._keep_from)
 
     @contextmanager
-    def _overwritten(self, leaves: LeafSet, write: Callable[[Tensor, int], object], extra: int) -> Iterator[None]:
+    def _overwritten(self, leaves: LeafSet, write: Callable[[Tensor, int], object]) -> Iterator[None]:
         """Copy what ``leaves`` hold aside, ``write(storage, i)`` the backward weights into each of their tensors,
-        and put the copy back when the block ends; ``extra`` weight versions exist meanwhile."""
+        and put the copy back when the block ends; the copy is one more weight version meanwhile."""
         saved = [s.clone() for s in leaves.storage]
-        self._temporaries += extra
+        self._temporaries += 1
         self.peak_versions = max(self.peak_versions, self.versions_held + self._temporaries)
         with torch.no_grad():
             for i, s in enumerate(leaves.storage):
@@ -275,12 +326,10 @@ class VersionStore:
         try:
             yield
         finally:
-            self._temporaries -= extra
+            self._temporaries -= 1
             with torch.no_grad():
                 for s, v in zip(leaves.storage, saved, strict=True):
                     s.copy_(v)
-            if all(s.data_ptr() == p.data_ptr() for s, p in zip(leaves.storage, self.params, strict=True)):
-                self._spare = saved
 
     def lend_grads(self, leaves: LeafSet) -> None:
         """Let a backward through ``leaves`` accumulate into the parameters' ``.grad`` tensors in place (autograd

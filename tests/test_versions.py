@@ -1,0 +1,119 @@
+"""VersionStore without processes: the weights a pending graph reads at its backward, under each policy, and what
+the store keeps, copies and moves to get there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_timeprest.versions import POLICIES, LeafSet, VersionStore
+
+
+def _forward(leaves: LeafSet, x: Tensor) -> Tensor:
+    return x @ leaves.leaves[0].T  # the graph saves the weight leaf (a view of the storage the leaves read)
+
+
+def _step(store: VersionStore, w: nn.Parameter) -> None:
+    with store.stepping(), torch.no_grad():
+        w.add_(1.0)  # in place, as optimizers do
+
+
+def _backward(store: VersionStore, policy: str, leaves: LeafSet, y: Tensor, g: Tensor, readers: int) -> int:
+    with store.reading_backward(leaves, POLICIES[policy], leaves.version, lambda d: 0.25 * d, readers) as d:
+        y.backward(g)
+    return d
+
+
+@pytest.fixture
+def setup() -> tuple[VersionStore, nn.Parameter, Tensor, Tensor]:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3))
+    return VersionStore(["w"], [w]), w, torch.randn(2, 3, requires_grad=True), torch.randn(2, 4)
+
+
+def test_a_pinned_version_keeps_the_storage_its_graphs_saved_and_a_stash_is_read_in_place(setup):
+    store, w, x, g = setup
+    leaves = store.leaves_for(0)
+    store.pin(0)
+    y, w0, ptr = _forward(leaves, x), w.detach().clone(), w.data_ptr()
+    _step(store, w)
+    assert w.data_ptr() != ptr and store.snapshots[0][0].data_ptr() == ptr  # the parameter moved to the copy
+    assert torch.equal(store.snapshots[0][0], w0) and torch.equal(w.detach(), w0 + 1)
+    assert _backward(store, "pipedream", leaves, y, g, readers=1) == 1
+    assert torch.equal(x.grad, g @ w0)
+    assert store.peak_versions == 2  # the live weights and the stash: nothing copied in for the backward
+    store.unpin(0)
+    assert store.versions_held == 1
+
+
+def test_w_tilde_is_built_over_a_stale_version_read_for_the_last_time(setup):
+    store, w, x, g = setup
+    leaves = store.leaves_for(0)
+    store.pin(0)
+    y, w0 = _forward(leaves, x), w.detach().clone()
+    _step(store, w)
+    live = w.detach().clone()
+    assert _backward(store, "timeprest_i", leaves, y, g, readers=1) == 1
+    assert torch.equal(x.grad, g @ torch.lerp(live, w0, 0.25))
+    assert 0 not in store.snapshots and torch.equal(w.detach(), live)  # the stale version is spent, live intact
+    assert store.peak_versions == 2
+
+
+def test_a_stale_version_another_backward_still_reads_is_put_back(setup):
+    store, w, x, g = setup
+    first, second = store.leaves_for(0), store.leaves_for(0)
+    assert first is second  # forwards of one version share their leaves
+    store.pin(0)
+    store.pin(0)
+    x2 = torch.randn(2, 3, requires_grad=True)
+    y1, y2, w0 = _forward(first, x), _forward(second, x2), w.detach().clone()
+    _step(store, w)
+    live1 = w.detach().clone()
+    assert _backward(store, "timeprest_i", first, y1, g, readers=1) == 1
+    assert torch.equal(x.grad, g @ torch.lerp(live1, w0, 0.25))
+    assert torch.equal(store.snapshots[0][0], w0)  # restored for the other backward
+    assert store.peak_versions == 3  # the stale weights' copy while W~ was in their place
+    store.unpin(0)
+    _step(store, w)  # d = 2 for the second backward
+    live2 = w.detach().clone()
+    assert _backward(store, "timeprest_i", second, y2, g, readers=1) == 2
+    assert torch.equal(x2.grad, g @ torch.lerp(live2, w0, 0.5))
+    assert 0 not in store.snapshots
+
+
+def test_parameters_sharing_a_storage_are_not_moved(setup):
+    _, _, x, g = setup
+    flat = torch.randn(24)
+    w = nn.Parameter(flat[:12].view(4, 3))
+    other = nn.Parameter(flat[12:].view(4, 3))
+    store = VersionStore(["w", "other"], [w, other])
+    leaves = store.leaves_for(0)
+    store.pin(0)
+    y, w0, ptr = _forward(leaves, x), w.detach().clone(), w.data_ptr()
+    _step(store, w)
+    assert w.data_ptr() == ptr and torch.equal(store.snapshots[0][0], w0)  # copied aside, not moved
+    live = w.detach().clone()
+    assert _backward(store, "pipedream", leaves, y, g, readers=1) == 1
+    assert torch.equal(x.grad, g @ w0) and torch.equal(w.detach(), live)  # stash copied in, live put back
+
+
+def test_vertical_sync_writes_the_latest_weights_once_per_version_and_keeps_the_snapshot(setup):
+    store, w, x, g = setup
+    store.keep_versions_from(0)  # forwards yet to come may read version 0 (timeprest, a later stage)
+    _step(store, w)
+    w0 = store.snapshots[0][0].clone()
+    leaves = store.leaves_for(0)
+    assert store.leaves_for(0) is leaves
+    y = _forward(leaves, x)
+    _step(store, w)
+    live = w.detach().clone()
+    assert _backward(store, "timeprest", leaves, y, g, readers=0) == 2
+    assert torch.equal(x.grad, g @ live)  # the latest weights
+    assert torch.equal(store.snapshots[0][0], w0) and torch.equal(w.detach(), live)
+    store.keep_versions_from(2)  # version 0 let go: a graph that still reads it takes the latest weights in place
+    x.grad = None
+    y = _forward(leaves, x)
+    assert 0 not in store.snapshots
+    assert _backward(store, "timeprest", leaves, y, g, readers=0) == 2
+    assert torch.equal(x.grad, g @ live) and store.versions_held == 1
