@@ -530,7 +530,10 @@ def _reading_all(
         yield
         return
     first, rest = sets[0], sets[1:]
-    with store.reading_backward(first, policy, first.version, alpha), _reading_all(store, policy, alpha, rest):
+    with (
+        store.reading_backward(first, policy, first.version, alpha, alone=not rest),
+        _reading_all(store, policy, alpha, rest),
+    ):
         yield
 
 

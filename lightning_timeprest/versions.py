@@ -24,8 +24,9 @@ weights where its graph reads them, instead of having them copied in and the liv
 Forwards never read the ``nn.Parameter`` objects themselves: they read *leaves*, tensors that share the
 storage of the parameters (or of a snapshot) but have their own autograd version counter. The optimizer can
 then update the parameters in place while graphs that saved them are pending (modern autograd would reject an
-in-place change of a saved tensor), and a pending graph can be made to read other weights by writing them into
-that storage for the duration of its backward (the ``graph`` rule).
+in-place change of a saved tensor), and a pending graph can be made to read other weights by giving that storage
+their data for the duration of its backward (the ``graph`` rule): by trading storage pointers where the storage
+holds weights still needed, by writing over it where not.
 """
 
 from __future__ import annotations
@@ -113,6 +114,41 @@ def _same_storage(a: list[Tensor], b: list[Tensor]) -> bool:
 def _alias(t: Tensor) -> Tensor:
     leaf = t.data  # shares the storage, not the version counter
     return leaf.requires_grad_(True)
+
+
+# (a private method of torch's storages, used by CUDA graph trees and FSDP; without it the store copies instead)
+_CAN_TRADE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+
+
+def _owns_storage(t: Tensor) -> bool:
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def _tradable(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Whether each tensor of ``a`` and its partner in ``b`` can trade their data by trading storage pointers: each
+    owns its whole storage (none shared within a list), with the same layout."""
+    if not _CAN_TRADE:
+        return False
+    for x, y in zip(a, b, strict=True):
+        if (x.shape, x.stride(), x.dtype, x.device) != (y.shape, y.stride(), y.dtype, y.device):
+            return False
+        if not (_owns_storage(x) and _owns_storage(y)):
+            return False
+    return all(len({t.untyped_storage().data_ptr() for t in ts}) == len(ts) for ts in (a, b))
+
+
+@contextmanager
+def _traded(storage: list[Tensor], values: list[Tensor]) -> Iterator[None]:
+    """Until the block ends, ``storage`` (and every tensor viewing it, such as what pending graphs saved) holds
+    ``values`` and ``values`` hold what ``storage`` held: the storages trade their data pointers, nothing is copied."""
+    pairs = [(s.untyped_storage(), v.untyped_storage()) for s, v in zip(storage, values, strict=True)]
+    for x, y in pairs:
+        x._swap_data_ptr_(y)
+    try:
+        yield
+    finally:
+        for x, y in pairs:
+            x._swap_data_ptr_(y)
 
 
 class VersionStore:
@@ -261,20 +297,25 @@ class VersionStore:
         forward_version: int,
         alpha: Callable[[int], float],
         readers: int = 0,
+        alone: bool = True,
     ) -> Iterator[int]:
         """The graph rule: make ``leaves`` (and every graph that saved them) read the backward weights of a
         micro-batch whose forward read ``forward_version`` (:meth:`backward_values`) until the block ends; yields
-        ``d``. ``readers``: how many of the version's pins (:meth:`pin`) belong to this backward.
+        ``d``. ``readers``: how many of the version's pins (:meth:`pin`) belong to this backward; ``alone``: no
+        other such block opens inside this one (it may then lend the live weights' storage to the leaves).
 
-        The weights are written into the leaves' storage: I-TiMePReSt's W~ built there directly (``lerp`` into
-        it), other weights copied in. What the storage held is copied aside and put back after only if it is a
-        version still needed: the live weights, or a snapshot another pending op reads. Stashed weights need
-        nothing done: the leaves' storage is the version's snapshot (:meth:`stepping`)."""
+        Where what the leaves' storage holds is needed after this backward (the live weights, or a snapshot another
+        pending op reads), the storage trades its data with the backward weights' for the block, without a copy:
+        with the live weights' own storage when the backward reads those, else with a new tensor (I-TiMePReSt's W~,
+        one ``lerp``). Where it is not needed (a snapshot read here for the last time) the backward weights are
+        written over it. Stashed weights need nothing done: the leaves' storage is the version's snapshot
+        (:meth:`stepping`). Parameters sharing one storage cannot trade it: theirs is copied aside and put back."""
         d = self.version - forward_version
         a = float(alpha(d)) if policy.backward == "intermediate" and d > 0 else None
         write: Callable[[Tensor, int], object]
         if a is not None and a not in (0.0, 1.0):
             stale, latest = self.snapshots[forward_version], [p.data for p in self.params]
+            values = None
 
             def write(s: Tensor, i: int) -> object:  # W~ = lerp(latest, stale, a), possibly over stale itself
                 return torch.lerp(latest[i], stale[i], a, out=s)
@@ -289,7 +330,27 @@ class VersionStore:
                 return s.copy_(values[i])
 
         holder = self._holder(leaves.storage)
-        if holder == self.version or (holder is not None and self._read_later(holder, readers)):
+        needed = holder == self.version or (holder is not None and self._read_later(holder, readers))
+        if values is not None and alone and _tradable(leaves.storage, values):
+            if not needed and holder is not None:
+                self._drop(holder)
+            with _traded(leaves.storage, values):  # the backward weights are a version held: lend its storage
+                yield d
+            return
+        if needed:
+            if _tradable(leaves.storage, leaves.storage):
+                self._temporaries += 1
+                self.peak_versions = max(self.peak_versions, self.versions_held + self._temporaries)
+                with torch.no_grad():
+                    made = [torch.empty_like(s) for s in leaves.storage]
+                    for i, t in enumerate(made):
+                        write(t, i)
+                try:
+                    with _traded(leaves.storage, made):
+                        yield d
+                finally:
+                    self._temporaries -= 1
+                return
             with self._overwritten(leaves, write):
                 yield d
             return

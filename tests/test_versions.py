@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from lightning_timeprest import versions
 from lightning_timeprest.versions import POLICIES, LeafSet, VersionStore
 
 
@@ -60,7 +61,11 @@ def test_w_tilde_is_built_over_a_stale_version_read_for_the_last_time(setup):
     assert store.peak_versions == 2
 
 
-def test_a_stale_version_another_backward_still_reads_is_put_back(setup):
+@pytest.mark.parametrize("trade", [True, False], ids=["traded", "copied"])
+def test_a_stale_version_another_backward_still_reads_is_put_back(setup, monkeypatch, trade):
+    # traded: W~ is built in a new tensor whose storage pointer the stale storage borrows for the backward;
+    # copied (torch without storage trading): the stale weights are copied aside, W~ written over, and put back
+    monkeypatch.setattr(versions, "_CAN_TRADE", trade and versions._CAN_TRADE)
     store, w, x, g = setup
     first, second = store.leaves_for(0), store.leaves_for(0)
     assert first is second  # forwards of one version share their leaves
@@ -73,6 +78,7 @@ def test_a_stale_version_another_backward_still_reads_is_put_back(setup):
     assert _backward(store, "timeprest_i", first, y1, g, readers=1) == 1
     assert torch.equal(x.grad, g @ torch.lerp(live1, w0, 0.25))
     assert torch.equal(store.snapshots[0][0], w0)  # restored for the other backward
+    assert store.snapshots[0][0].data_ptr() == first.storage[0].data_ptr()  # in the storage its graphs saved
     assert store.peak_versions == 3  # the stale weights' copy while W~ was in their place
     store.unpin(0)
     _step(store, w)  # d = 2 for the second backward
@@ -108,12 +114,40 @@ def test_vertical_sync_writes_the_latest_weights_once_per_version_and_keeps_the_
     y = _forward(leaves, x)
     _step(store, w)
     live = w.detach().clone()
+    ptr = w.data_ptr()
     assert _backward(store, "timeprest", leaves, y, g, readers=0) == 2
     assert torch.equal(x.grad, g @ live)  # the latest weights
-    assert torch.equal(store.snapshots[0][0], w0) and torch.equal(w.detach(), live)
+    assert torch.equal(store.snapshots[0][0], w0) and torch.equal(w.detach(), live) and w.data_ptr() == ptr
+    assert store.peak_versions == 3  # live and versions 0, 1: the snapshot borrowed the live storage, no copy
     store.keep_versions_from(2)  # version 0 let go: a graph that still reads it takes the latest weights in place
     x.grad = None
     y = _forward(leaves, x)
     assert 0 not in store.snapshots
     assert _backward(store, "timeprest", leaves, y, g, readers=0) == 2
     assert torch.equal(x.grad, g @ live) and store.versions_held == 1
+
+
+def test_nested_backwards_over_several_versions_all_read_the_latest_weights(setup):
+    # the last stage under vertical sync back-propagates one loss through graphs that read two kept versions: the
+    # outer block must leave the live weights in place for the inner one, which may then borrow their storage
+    store, w, x, g = setup
+    store.keep_versions_from(0)
+    old = store.leaves_for(0)
+    y0 = _forward(old, x)
+    _step(store, w)
+    newer = store.leaves_for(1)
+    x1 = torch.randn(2, 3, requires_grad=True)
+    y1 = _forward(newer, x1)
+    _step(store, w)
+    live, kept = w.detach().clone(), [store.snapshots[v][0].clone() for v in (0, 1)]
+    policy = POLICIES["timeprest"]
+    with (
+        store.reading_backward(old, policy, 0, lambda d: 0.0, alone=False) as d0,
+        store.reading_backward(newer, policy, 1, lambda d: 0.0) as d1,
+    ):
+        assert torch.equal(old.storage[0], live) and torch.equal(newer.storage[0], live)
+        torch.autograd.backward([y0, y1], [g, g])
+    assert (d0, d1) == (2, 1)
+    assert torch.equal(x.grad, g @ live) and torch.equal(x1.grad, g @ live)
+    assert torch.equal(w.detach(), live)
+    assert [torch.equal(store.snapshots[v][0], k) for v, k in zip((0, 1), kept, strict=True)] == [True, True]
