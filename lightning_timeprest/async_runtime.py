@@ -151,9 +151,6 @@ class AsyncRuntime:
         #: per stream, the order it was generated in
         self.stream_orders: list[NF1BOrder] = []
         self.trained: set[int] = set()  # indexes into store.params that received a gradient
-        # dynamic mode: the announcement of the next backward, once posted (kept across drains: it will match the
-        # next stream's first one); the next activation's header is posted by the StageComm
-        self._posted_ticket: Any = None
         self._reset_stream()
         self.stats = StepStats()
         #: how long this stage's ops took (the costs the order is re-derived from)
@@ -262,9 +259,8 @@ class AsyncRuntime:
             return False
         if self.is_last:
             return True
-        if self._posted_ticket is None:
-            self._posted_ticket = self.comm.post_ticket()
-        return self._posted_ticket.ready()
+        meta = self.pending[m].micro[0].meta  # posted at its forward; sent just before the gradients
+        return meta is not None and meta.ready()
 
     def _forward_ready(self, k: int) -> bool:
         m, j = self.next_forward
@@ -349,10 +345,9 @@ class AsyncRuntime:
             self.comm.send_activation(out, tag=tag, differentiable=differentiable, note=note)
             if keep_graph:
                 record.outputs = out
-            if not self.dynamic:  # (dynamic mode announces backwards on the gradient group: nothing posted early)
-                if j == 0:  # the mini-batch's loss scale and loss come back before its gradients
-                    record.meta = self.comm.post_meta(2)
-                record.grads = self.comm.post_gradients(out, differentiable)
+            if j == 0:  # the mini-batch's loss scale and loss come back before its gradients
+                record.meta = self.comm.post_meta(2)
+            record.grads = self.comm.post_gradients(out, differentiable)
 
     def _stage_forward(self, mb: _MiniBatch, j: int, inputs: Any, leaves: LeafSet) -> tuple[Any, Any]:
         """Run this stage on micro-batch ``j`` reading ``leaves``; return (user output, stage output)."""
@@ -378,12 +373,6 @@ class AsyncRuntime:
             upstream_overflow = self._upstream_skips > self._skips_heard
             self._skips_heard = self._upstream_skips
         else:
-            if self.dynamic:
-                posted, self._posted_ticket = self._posted_ticket, None
-                if posted is None:
-                    posted = self.comm.post_ticket()
-                got = self.comm.wait_ticket(posted)
-                assert got == m, f"stage {self.stage}: expected the backward of mini-batch {m}, got {got}"
             scale, value = self.comm.recv_meta(2, mb.micro[0].meta)
             mb.meta = (scale, value)
             loss, upstream_overflow = torch.tensor(value), False
@@ -505,8 +494,6 @@ class AsyncRuntime:
     def _send_gradients(self, mb: _MiniBatch, j: int) -> None:
         if not self.is_first:
             if j == 0:
-                if self.dynamic:
-                    self.comm.send_ticket(mb.index)
                 self.comm.send_meta(mb.meta)
             self.comm.send_gradients(mb.micro[j].inputs)
 

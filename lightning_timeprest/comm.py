@@ -396,18 +396,6 @@ class StageComm:
             tensors.append(t)
         return _unflatten(values[0], tensors, structure), values[-1]
 
-    def send_ticket(self, value: int) -> None:
-        """Announce a backward to the previous stage (dynamic mode: lets it see the gradients are coming)."""
-        self._isend(torch.tensor([value], dtype=torch.int64), self.stage - 1, self.groups.gradients)
-
-    def post_ticket(self) -> PostedRecv:
-        buf = torch.empty(1, dtype=torch.int64)
-        work = dist.irecv(buf, self._rank_of(self.stage + 1), group=self.groups.gradients)
-        return PostedRecv(work, buf, self)
-
-    def wait_ticket(self, posted: PostedRecv) -> int:
-        return int(posted.result(self.stage + 1, "a backward announcement").item())
-
     def send_meta(self, values: Sequence[float]) -> None:
         """Send the previous stage a mini-batch's values that travel with its gradients (loss scale, loss)."""
         self._isend(torch.tensor(values, dtype=torch.float64), self.stage - 1, self.groups.gradients)
@@ -438,7 +426,8 @@ class StageComm:
         """Post the receives of the gradients the next stage will send for ``outputs`` (sent with
         :meth:`send_activation` and the same ``differentiable``), long before they are needed; returns them with
         the positions of their tensors in ``outputs``. Valid only while gradients come back in the order their
-        activations went out, with no other receive on the gradient group (static asynchronous replay)."""
+        activations went out, with no other receive on the gradient group (the asynchronous schedules, static or
+        dynamic: backwards run in mini-batch order)."""
         posted = []
         for i, t in enumerate(_flatten(outputs)[1]):
             if _wants_grad(t, differentiable):
