@@ -120,21 +120,26 @@ def _alias(t: Tensor) -> Tensor:
 _CAN_TRADE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
 
 
-def _owns_storage(t: Tensor) -> bool:
-    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+def _own_storages(ts: list[Tensor]) -> bool:
+    """Whether each tensor owns its whole storage, shared with none of the others (not tied, not a view of a flat
+    buffer): its storage can then be kept, moved or traded on its own."""
+    storages = [t.untyped_storage() for t in ts]
+    return len({st.data_ptr() for st in storages}) == len(ts) and all(
+        t.storage_offset() == 0 and st.nbytes() == t.numel() * t.element_size()
+        for t, st in zip(ts, storages, strict=True)
+    )
 
 
 def _tradable(a: list[Tensor], b: list[Tensor]) -> bool:
     """Whether each tensor of ``a`` and its partner in ``b`` can trade their data by trading storage pointers: each
-    owns its whole storage (none shared within a list), with the same layout."""
+    owns its whole storage, with the same layout."""
     if not _CAN_TRADE:
         return False
-    for x, y in zip(a, b, strict=True):
-        if (x.shape, x.stride(), x.dtype, x.device) != (y.shape, y.stride(), y.dtype, y.device):
-            return False
-        if not (_owns_storage(x) and _owns_storage(y)):
-            return False
-    return all(len({t.untyped_storage().data_ptr() for t in ts}) == len(ts) for ts in (a, b))
+    same = all(
+        (x.shape, x.stride(), x.dtype, x.device) == (y.shape, y.stride(), y.dtype, y.device)
+        for x, y in zip(a, b, strict=True)
+    )
+    return same and _own_storages(a) and _own_storages(b)
 
 
 @contextmanager
@@ -171,11 +176,8 @@ class VersionStore:
         self.peak_versions = 1
         self._temporaries = 0  # copies alive only during backwards: W~ and the graph rule's saved weights
         # the step may move the parameters to new storage (keeping the old one as a snapshot) only where each
-        # owns its storage: parameters sharing one (tied by storage, views of a flat buffer) must stay together
-        storages = [p.untyped_storage() for p in params]
-        self._movable = len({st.data_ptr() for st in storages}) == len(params) and all(
-            st.nbytes() == p.numel() * p.element_size() for st, p in zip(storages, params, strict=True)
-        )
+        # owns its storage: parameters sharing one must stay together
+        self._movable = _own_storages([p.data for p in params])
 
     # -- what forwards read ----------------------------------------------------------------------------------
 
@@ -338,7 +340,7 @@ class VersionStore:
                 yield d
             return
         if needed:
-            if _tradable(leaves.storage, leaves.storage):
+            if _CAN_TRADE and _own_storages(leaves.storage):  # (a new tensor from empty_like has the same layout)
                 self._temporaries += 1
                 self.peak_versions = max(self.peak_versions, self.versions_held + self._temporaries)
                 with torch.no_grad():
