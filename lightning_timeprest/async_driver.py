@@ -38,13 +38,30 @@ from lightning_timeprest.stage import Stage, loss_of, weighted_loss
 from lightning_timeprest.stage_stats import cuda_peak_bytes, last_step_of_epoch
 from lightning_timeprest.versions import POLICIES
 
-__all__ = ["CALIBRATION_STEPS", "AsyncDriver", "Ledger", "OrderState", "check_untied", "choose_nf1b_order"]
+__all__ = [
+    "CALIBRATION_STEPS",
+    "AsyncDriver",
+    "Ledger",
+    "OrderState",
+    "check_untied",
+    "choose_nf1b_order",
+    "measures_op_times",
+]
 
 #: With measured op costs, the nF1B order is re-derived from the op times measured in the steps since the previous
 #: drain, at every drain; at the start of training the pipeline drains for it twice, after this many steps each
 #: (the second measures the ops in the order the first chose, which changes what they cost a little).
 CALIBRATION_STEPS = 10
 CALIBRATION_DRAINS = 2
+
+
+def measures_op_times(config: PipelineConfig, device: torch.device, choice: OrderChoice | None) -> bool:
+    """Whether the nF1B order is re-derived from the op times measured as the ops run (see ``CALIBRATION_STEPS``):
+    with the cost-aware order and no ``op_costs`` given, on a CPU. The stage times its ops on the host, which is
+    the op's time only where the host runs it; CUDA runs ops asynchronously (the host waits only where it reads a
+    result), so there the order stays the one made from the setup measurement, which synchronizes the device."""
+    return choice is not None and config.op_costs is None and config.order == "cost" and device.type == "cpu"
+
 
 Record = tuple[list[float], list[LoggedValue]]  # a stage record and what its gradient hooks logged
 
@@ -169,7 +186,7 @@ class AsyncDriver:
         stage.stats.version_difference = choice.version_difference if choice is not None else 0
         self._next_version_difference: int | None = None  # v of the order the next stream runs in
         # measured costs: re-derive the order from the op times as they run (see _recalibrate)
-        self.measuring = choice is not None and config.op_costs is None and config.order == "cost"
+        self.measuring = measures_op_times(config, stage.device, choice)
         self.calibrations_left = CALIBRATION_DRAINS if self.measuring else 0
         self.ledger = Ledger(stage.num_stages)
         self._payloads: dict[int, Any] = {}  # last stage: what each finished mini-batch logged, for every stage

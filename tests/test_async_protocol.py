@@ -1,13 +1,16 @@
 """The asynchronous driver's lag/replay bookkeeping (async_driver.Ledger), without processes: every mini-batch's
 results are replayed once, in order, in the step in which stage 0 finishes it under the static schedule; rank 0
-receives a middle stage's records only once they were sent, and all of them by the end of a drain."""
+receives a middle stage's records only once they were sent, and all of them by the end of a drain. And where the
+driver re-derives the nF1B order from op times measured as the ops run."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from lightning_timeprest.async_driver import Ledger
-from lightning_timeprest.schedules import OpKind, StreamPlan
+from lightning_timeprest.async_driver import Ledger, measures_op_times
+from lightning_timeprest.schedules import OpCosts, OpKind, StreamPlan, choose_order
+from lightning_timeprest.strategy import TiMePReStStrategy
 
 
 def _completed_per_step(schedule: str, w: int, n: int, steps: int) -> list[int]:
@@ -61,3 +64,20 @@ def test_records_are_received_only_once_sent_and_all_by_the_end_of_a_drain():
         received[s] += ledger.records_due(s, None)
     assert received == dict.fromkeys(range(1, w - 1), len(completed) + 1)
     assert all(ledger.records_due(s, None) == 0 for s in received)  # nothing twice
+
+
+def test_the_order_is_re_derived_from_op_times_only_where_the_host_times_the_ops():
+    """On a CPU the measured op times re-derive the cost-aware order; on CUDA (ops run asynchronously, host times
+    are not theirs) and with given op costs or the unit grid, the order made at setup stays."""
+    choice = choose_order(2, 2, OpCosts.uniform(2))
+
+    def measures(device: str, **kwargs: object) -> bool:
+        config = TiMePReStStrategy(schedule="timeprest_v", num_microbatches=2, **kwargs).config  # type: ignore[arg-type]
+        return measures_op_times(config, torch.device(device), choice)
+
+    assert measures("cpu")
+    assert not measures("cuda") and not measures("meta")
+    assert not measures("cpu", op_costs=[[1, 2, 0], [1, 2, 0]])
+    assert not measures("cpu", order="unit")
+    config = TiMePReStStrategy(schedule="gpipe").config
+    assert not measures_op_times(config, torch.device("cpu"), None)  # no nF1B order to re-derive
