@@ -19,13 +19,16 @@ def machine() -> dict[str, object]:
     """The machine a benchmark ran on, for its report."""
     import torch
 
-    return {
+    info: dict[str, object] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
 
 
 def pin(rank: int, cores: str, threads: int) -> None:

@@ -31,6 +31,16 @@ forward, transfers are free).
 
 Writes ``benchmarks/results/throughput.{json,md,png}`` with the machine it ran on (``--tag`` names another set
 of files, e.g. for a GPU run with ``--accelerator cuda``, where each stage has its own GPU and nothing is pinned).
+
+On a GPU machine with fewer GPUs than stages (one GPU, W = 2), the stages share the GPUs
+(``processes_per_device``, activations through host memory over gloo), and the table says so: its speed-ups then
+show how much of the stages' work overlaps on a shared card (host work, kernel launches, transfers), not what a GPU
+per stage gives, and the torch.distributed.pipelining peers, which need a GPU per rank, are left out. (With CUDA
+MPS running, ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` in the environment splits each card's SMs between the
+processes, which comes closer to a GPU per stage.) On CUDA the busy columns stay empty: the strategy times ops on
+the host, and CUDA runs them asynchronously.
+
+    python benchmarks/throughput.py --accelerator cuda --quick --tag throughput_gpu
 """
 
 from __future__ import annotations
@@ -206,12 +216,13 @@ def worker(args: argparse.Namespace) -> None:
             schedule=schedule,
             num_microbatches=args.n,
             split_points=[f"model.{split}"] if split else None,
+            processes_per_device=args.per_device,
             **options,
         )
     trainer = Trainer(
         strategy=strategy,
         accelerator=args.accelerator,
-        devices=args.devices,
+        devices=args.devices // args.per_device if args.strategy != "single" else 1,
         max_steps=args.steps,
         **QUIET,
         num_sanity_val_steps=0,
@@ -309,12 +320,21 @@ def run(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--model", config["model"]]
             cmd += ["--strategy", config["strategy"], "--devices", str(config["devices"]), "--n", str(config["n"])]
             cmd += ["--steps", str(config["steps"]), "--warmup", str(args.warmup), "--cores", args.cores]
-            cmd += ["--threads", str(args.threads), "--accelerator", args.accelerator]
+            cmd += [
+                "--threads",
+                str(args.threads),
+                "--accelerator",
+                args.accelerator,
+                "--per-device",
+                str(args.per_device),
+            ]
             done = subprocess.run(cmd, cwd=tmp, env=worker_env(), capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{config} failed:\n{done.stderr[-3000:]}")
             ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(config["devices"])]
             busy = [r["busy"] / r["wall"] if r["wall"] > 0 else None for r in ranks]
+            if args.accelerator == "cuda":  # host times of asynchronous CUDA ops: not the stages' compute
+                busy = None
         measured = json.loads(out.read_text())
     result = {"samples_per_s": measured["samples"] / measured["seconds"], "busy_fraction": busy}
     result["drain_s"] = measured.get("drain_s")
@@ -355,7 +375,24 @@ def ideal(config: dict[str, Any], measured: list[list[float] | None], order: dic
     return list(steady_state(w, n, NF1BOrder(generated, cap), costs)[0])
 
 
+def processes_per_device(stages: int, accelerator: str) -> int:
+    """Stages per GPU: 1 with a GPU per stage, else the stages share the GPUs there are (W a multiple of them)."""
+    if accelerator != "cuda":
+        return 1
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise SystemExit("--accelerator cuda: no GPU here")
+    if gpus >= stages:
+        return 1
+    if stages % gpus:
+        raise SystemExit(f"W = {stages} stages cannot share {gpus} GPUs evenly; use --devices a multiple of {gpus}")
+    return stages // gpus
+
+
 def configurations(models: list[str], w: int, warmup: int, rows: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every row to run, in order: one device, pipedream, then each schedule of ``rows`` at each N."""
     configs = []
     for model in models:
         common = {"model": model, "steps": warmup + MODELS[model]["measured"]}
@@ -435,15 +472,25 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {num(r['ideal_speedup'])} | {num(r['of_ideal'])} | {'-' if drain is None else f'{1e3 * drain:.0f}'} |"
         )
     measured = ", ".join(f"{m}: {v['measured']}" for m, v in MODELS.items())
-    pinning = (
-        f"each stage process pinned to its own core ({args.cores}), {args.threads} thread(s) each; one device = one "
-        f"process on core {args.cores.split(',')[0]} with {args.threads} thread(s)"
-        if args.accelerator == "cpu"
-        else "one accelerator per stage"
-    )
+    gpus = machine.get("gpus") if args.accelerator == "cuda" else None
+    accelerator = f"cuda ({', '.join(gpus)})" if isinstance(gpus, list) else args.accelerator
+    if args.accelerator == "cpu":
+        pinning = (
+            f"each stage process pinned to its own core ({args.cores}), {args.threads} thread(s) each; one device = "
+            f"one process on core {args.cores.split(',')[0]} with {args.threads} thread(s)"
+        )
+    elif args.per_device == 1:
+        pinning = "one GPU per stage; busy fractions not measured (ops are timed on the host, CUDA runs them later)"
+    else:
+        pinning = (
+            f"{args.per_device} stages share each GPU (processes_per_device, activations through host memory): the "
+            "speed-ups show how much of the stages' work overlaps on a shared card, not what a GPU per stage gives; "
+            "no peers (torch.distributed.pipelining needs a GPU per rank); busy fractions not measured (ops are "
+            "timed on the host, CUDA runs them later)"
+        )
     lines += [
         "",
-        f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, {args.accelerator}; "
+        f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, {accelerator}; "
         f"{pinning}. W = {args.devices}; each row runs {measured} steps after {args.warmup} warm-up steps and is "
         "measured in the steady state, up to the start of its last step (peers: every step after warm-up); medians "
         f"of {args.repeats} interleaved repeats. {ALLOCATOR_NOTE}",
@@ -515,6 +562,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="threads per stage and for the one-device reference")
     p.add_argument("--cores", default=None, help="the cores stages are pinned to, e.g. 0,1 (default: all allowed)")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--per-device", type=int, default=1, help=argparse.SUPPRESS)  # set from the GPUs there are
     p.add_argument("--models", nargs="*", help="only these models (mlp, gpt, resnet50)")
     p.add_argument("--only", nargs="*", help="only these rows (as in the table; single and pipedream always run)")
     p.add_argument("--tag", default="throughput", help="the name of the result files")
@@ -527,8 +575,11 @@ def main() -> None:
     if args.accelerator == "cpu" and len(args.cores.split(",")) < args.devices:
         p.error(f"W = {args.devices} stages need as many cores to pin them to; this process may use {args.cores}")
     args.repeats = args.repeats or (2 if args.quick else 3)
+    args.per_device = processes_per_device(args.devices, args.accelerator)
     models = args.models or (["mlp"] if args.quick else ["mlp", "gpt", "resnet50"])
     rows = tuple(args.only) if args.only else QUICK_ROWS if args.quick else ROWS
+    if args.per_device > 1:  # torch.distributed.pipelining over nccl needs a GPU per rank
+        rows = tuple(r for r in rows if r not in PEERS)
     configs = configurations(models, args.devices, args.warmup, rows)
     runs: list[list[dict[str, Any]]] = [[] for _ in configs]
     for repeat in range(args.repeats):

@@ -1,6 +1,8 @@
 """The GPU checks of the strategy, in one run: for a session that is lent a GPU machine (CI never has one).
 
-    python tests/gpu/check.py            # prints one line per check and a summary; exit status 1 if one failed
+    python tests/gpu/check.py                 # prints one line per check and a summary; exit status 1 if one failed
+    python tests/gpu/check.py --throughput    # then the throughput benchmark's quick rows on the GPU(s) (about 5
+                                              # minutes on one GPU): benchmarks/results/throughput_gpu.{md,json,png}
 
 1. ``processes_per_device=2`` on GPU 0: two stages share one card over gloo, with ``16-mixed`` (autocast and a
    GradScaler whose found_inf the stages agree on) and ``bf16-mixed``; compared with one process on the GPU.
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -23,6 +26,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE.parent / "scripts" / "train.py"
+THROUGHPUT = HERE.parent.parent / "benchmarks" / "throughput.py"
 
 
 def run(tmp: Path, name: str, *args: str) -> dict:
@@ -46,6 +50,9 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="the GPU checks of the strategy")
+    parser.add_argument("--throughput", action="store_true", help="then benchmarks/throughput.py --quick on CUDA")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no GPU here: nothing to check")
         return 1
@@ -87,6 +94,11 @@ def main() -> int:
             print(("PASS " if ok else "FAIL ") + line)
             failures += not ok
     print(f"{len(checks) - failures} of {len(checks)} checks passed")
+    if args.throughput:  # (fewer GPUs than stages: the stages share them, and the table says so)
+        cmd = [sys.executable, str(THROUGHPUT), "--accelerator", "cuda", "--quick", "--tag", "throughput_gpu"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        print(done.stdout[-6000:] if done.returncode == 0 else f"throughput failed:\n{done.stderr[-3000:]}")
+        failures += done.returncode != 0
     return 1 if failures else 0
 
 
