@@ -127,6 +127,28 @@ def test_vertical_sync_writes_the_latest_weights_once_per_version_and_keeps_the_
     assert torch.equal(x.grad, g @ live) and store.versions_held == 1
 
 
+@pytest.mark.parametrize("trade", [True, False], ids=["traded", "copied"])
+def test_what_the_parameters_hold_while_a_backward_borrows_their_storage(setup, monkeypatch, trade):
+    # README (Memory): a later stage under vertical sync lends the live weights' storage to a graph that saved a
+    # kept version; until it is given back, the parameter holds that version (a backward hook reading module weights
+    # sees it), and the latest after. Without storage trading the latest is copied in instead and stays put.
+    monkeypatch.setattr(versions, "_CAN_TRADE", trade and versions._CAN_TRADE)
+    store, w, x, g = setup
+    store.keep_versions_from(0)
+    _step(store, w)
+    w0 = store.snapshots[0][0].clone()
+    leaves = store.leaves_for(0)
+    y = _forward(leaves, x)
+    _step(store, w)
+    live = w.detach().clone()
+    seen: list[Tensor] = []
+    y.register_hook(lambda grad: seen.append(w.detach().clone()))  # runs inside the backward
+    assert _backward(store, "timeprest", leaves, y, g, readers=0) == 2
+    assert torch.equal(x.grad, g @ live)
+    assert torch.equal(seen[0], w0 if trade else live)
+    assert torch.equal(w.detach(), live) and torch.equal(store.snapshots[0][0], w0)
+
+
 def test_nested_backwards_over_several_versions_all_read_the_latest_weights(setup):
     # the last stage under vertical sync back-propagates one loss through graphs that read two kept versions: the
     # outer block must leave the live weights in place for the inner one, which may then borrow their storage
