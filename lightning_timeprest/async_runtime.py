@@ -39,6 +39,7 @@ from lightning_timeprest.runtime import StageRunner, through_stage
 from lightning_timeprest.schedules import NF1BOrder, Op, OpKind, StreamPlan
 from lightning_timeprest.stage_stats import StepStats
 from lightning_timeprest.versions import LeafSet, Policy, VersionStore
+from lightning_timeprest.weight_gradients import WeightGradients
 
 __all__ = ["AsyncRuntime", "StageUpdate", "StepStats", "TraceEntry"]
 
@@ -116,6 +117,7 @@ class AsyncRuntime:
         update: StageUpdate,
         loss_scale: Callable[[], float] = lambda: 1.0,
         order: NF1BOrder | None = None,
+        defer_weight_grads: bool = True,
     ) -> None:
         self.stage = stage
         self.num_stages = num_stages
@@ -144,6 +146,10 @@ class AsyncRuntime:
         self._call_names = [f"m.{n}" for n in self.store.names]  # the names functional_call replaces, via _Call
         # (a traced stage reads the user's modules' own tensor tables, so replacing tensors there reaches it too)
         self._call = _Call(root)
+        #: the stage's Linear layers take their weight gradients once per mini-batch backward (weight_gradients)
+        self.weight_grads = WeightGradients()
+        if defer_weight_grads and num_microbatches > 1:  # (one micro-batch: nothing to take together)
+            self.weight_grads.install(stage_module)
         #: the learning rates of each update this stage made, in order (one update per mini-batch)
         self.learning_rates: list[list[Any]] = []
         #: per stream (one per drain), per op as it ran on this stage
@@ -448,8 +454,9 @@ class AsyncRuntime:
             self.stats.staleness.append(self.store.version - record.version)
         for leaves in sets.values():
             self.store.lend_grads(leaves)
-        with _reading_all(self.store, self.policy, self.alpha, list(sets.values())):
+        with _reading_all(self.store, self.policy, self.alpha, list(sets.values())), self.weight_grads.deferring():
             torch.autograd.backward(total)
+        self.weight_grads.flush()
         for leaves in sets.values():
             self.store.harvest(leaves)
         if not self.is_first:
@@ -463,7 +470,10 @@ class AsyncRuntime:
             leaves = graph
             self.store.lend_grads(leaves)
             readers = sum(mb.micro[j].pinned for j in js)
-            with self.store.reading_backward(leaves, self.policy, version, self.alpha, readers) as d:
+            with (
+                self.store.reading_backward(leaves, self.policy, version, self.alpha, readers) as d,
+                self.weight_grads.deferring(),
+            ):
                 self.stats.staleness += [d] * len(js)
                 for j in js:
                     record = mb.micro[j]
@@ -471,6 +481,7 @@ class AsyncRuntime:
                     if pairs:
                         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                     self._send_gradients(mb, j)
+            self.weight_grads.flush()
             self.store.harvest(leaves)
             return
         # recompute: rerun the stage with the backward weights
@@ -487,8 +498,10 @@ class AsyncRuntime:
                 _, out = self._stage_forward(mb, j, record.inputs, leaves)
             pairs = self.comm.recv_gradients(out, record.grads)
             if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                with self.weight_grads.deferring():
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             self._send_gradients(mb, j)
+        self.weight_grads.flush()
         self.store.harvest(leaves)
 
     def _send_gradients(self, mb: _MiniBatch, j: int) -> None:

@@ -37,6 +37,7 @@ class PipelineConfig:
     order: str
     max_inflight: int | None
     op_costs: OpCosts | None
+    defer_weight_grads: bool
 
     @property
     def is_asynchronous(self) -> bool:
@@ -141,6 +142,7 @@ def pipeline_config(
     order: str,
     max_inflight: int | None,
     op_costs: list[list[float]] | None,
+    defer_weight_grads: bool,
 ) -> PipelineConfig:
     """Check the strategy's arguments and return them normalised; raise ``PipelineConfigError`` on a bad one."""
     schedule = str(schedule).lower()
@@ -171,6 +173,7 @@ def pipeline_config(
         order=order,
         max_inflight=_positive("max_inflight", max_inflight),
         op_costs=_op_costs(op_costs),
+        defer_weight_grads=bool(defer_weight_grads),
     )
 
 

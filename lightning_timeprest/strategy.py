@@ -118,6 +118,10 @@ class PipelineStrategyMixin:
         op_costs: per stage ``[forward, backward, step]`` (one micro-batch's forward and backward, the optimizer
             step; any unit) to generate the nF1B order from, instead of measuring them at setup. Measured costs
             vary a little between runs and so may the order; give them to replay an order exactly.
+        defer_weight_grads: asynchronous policies: a stage's ``nn.Linear`` layers take their weight gradients once
+            per mini-batch, over all its micro-batches, instead of once per micro-batch (the same gradients, in
+            fewer passes over the weights; see :mod:`~lightning_timeprest.weight_gradients`). ``False`` leaves
+            them to autograd.
         The remaining arguments are those of Lightning's ``DDPStrategy``.
     """
 
@@ -140,6 +144,7 @@ class PipelineStrategyMixin:
         order: str = "cost",
         max_inflight: int | None = None,
         op_costs: list[list[float]] | None = None,
+        defer_weight_grads: bool = True,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -576,6 +581,8 @@ class PipelineStrategyMixin:
         module, placement, stage = self.lightning_module, self._placement, self._stage
         if module is None or placement is None or stage is None:
             return
+        if self._async is not None:
+            self._async.engine.weight_grads.uninstall()
         merged = ckpt.gather_every_stage(module, placement, stage) if gather and self.num_stages > 1 else {}
         unplace(placement, module, merged)
         self._placement = self._stage = self._sync = self._async = None

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models
 
 import lightning_timeprest  # noqa: F401  (registers the strategies)
-from lightning_timeprest import TiMePReStStrategy
+from lightning_timeprest import TiMePReStStrategy, weight_gradients
 
 
 class Record(Callback):
@@ -78,6 +78,7 @@ class Record(Callback):
             ]
             self.orders = list(engine.stream_orders)
             self.op_costs = trainer.strategy.op_costs
+            self.deferred_layers = engine.weight_grads.layers
 
 
 def constant_one(d: int) -> float:
@@ -217,11 +218,17 @@ def main() -> None:
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--sharded", action="store_true", help="sharded_checkpoint=True")
     p.add_argument("--per-device", type=int, default=1, help="processes_per_device")
+    p.add_argument(
+        "--defer-all", action="store_true", help="every Linear layer takes its weight gradient once per mini-batch"
+    )
+    p.add_argument("--no-defer", action="store_true", help="defer_weight_grads=False")
     p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
     p.add_argument("--accelerator", default="cpu", help="cpu|gpu (the GPU check script)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
+    if args.defer_all:  # (the test models' layers are smaller than the weights it is used for by default)
+        weight_gradients.LARGE_WEIGHT = 0
     seed_everything(0)
     record = Record()
     callbacks: list[Callback] = [record]
@@ -275,6 +282,7 @@ def main() -> None:
             stages=args.stages,
             sharded_checkpoint=args.sharded,
             processes_per_device=args.per_device,
+            defer_weight_grads=not args.no_defer,
         )
         kw = {"strategy": "ddp" if args.ddp else strategy, "devices": args.devices, "num_nodes": args.num_nodes}
     else:
@@ -355,6 +363,7 @@ def main() -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         record.placement["scale"] = float(scaler.get_scale()) if scaler is not None else None
         record.placement["skipped"] = getattr(record, "skipped", None)
+        record.placement["deferred_layers"] = getattr(record, "deferred_layers", None)
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
