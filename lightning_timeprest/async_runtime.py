@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 from lightning_timeprest import compat
 from lightning_timeprest.comm import PipelineCommError, StageComm
 from lightning_timeprest.costs import OpClock
+from lightning_timeprest.precision import autocasting
 from lightning_timeprest.runtime import StageRunner, through_stage
 from lightning_timeprest.schedules import NF1BOrder, Op, OpKind, StreamPlan
 from lightning_timeprest.stage_stats import StepStats
@@ -333,7 +334,7 @@ class AsyncRuntime:
             record.pinned = True
         if keep_graph:
             record.leaves = self.store.leaves_for(version)
-            with _recasting(record.leaves.leaves) if _autocasting() else nullcontext():
+            with _recasting(record.leaves.leaves) if autocasting() else nullcontext():
                 user_out, out = self._stage_forward(mb, j, inputs, record.leaves)
         else:
             with torch.no_grad():
@@ -535,10 +536,6 @@ def _reading_all(
         _reading_all(store, policy, alpha, rest),
     ):
         yield
-
-
-def _autocasting() -> bool:
-    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 class _Recast:

@@ -37,7 +37,7 @@ from typing_extensions import override
 from lightning_timeprest import compat
 from lightning_timeprest.metrics import LogCapture, LoggedValue
 
-__all__ = ["GRADIENT_HOOKS", "PipelineLink", "PipelinePrecision", "hook_logs", "uses_gradient_hooks"]
+__all__ = ["GRADIENT_HOOKS", "PipelineLink", "PipelinePrecision", "autocasting", "hook_logs", "uses_gradient_hooks"]
 
 #: the hooks Lightning calls around each optimizer update, which see the loss or the gradients
 GRADIENT_HOOKS = ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
@@ -355,6 +355,11 @@ class PipelinePrecision(Precision):
         calls, self._captured = self._captured, []
         assert self.link is not None or not calls
         return hook_logs(calls, self.link.stage if self.link is not None else 0)
+
+
+def autocasting() -> bool:
+    """Whether autocast is on (on the CPU or on CUDA), as mixed precision plugins turn it on around a step."""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 def hook_logs(calls: Sequence[tuple[str, Any, dict[str, Any]]], stage: int) -> list[LoggedValue]:

@@ -8,12 +8,12 @@ micro-batched backward costs beyond a whole batch's (4 Linear layers of 1024, 25
 the backward took 1.6x the whole batch's; with the weight gradient taken once, 1.3x). The input's gradient, which
 the stage before waits for, is still computed per micro-batch.
 
-So, under the asynchronous engine with more than one micro-batch, a stage's ``nn.Linear`` modules with weights of at
-least :data:`LARGE_WEIGHT` elements run as :class:`_DeferredLinear`: its backward
-returns the input's gradient and, while the engine back-propagates a mini-batch (:meth:`WeightGradients.deferring`),
-keeps the layer's input and output gradient; when the micro-batches are done, :meth:`WeightGradients.flush` takes
-each weight's gradient (and its bias's) in one product over all of them and adds it to the gradient of the weight the
-forward read, as autograd would have. (The products run after the micro-batches' backwards, on inputs no longer in
+So, under the asynchronous engine with more than one micro-batch, a stage's ``nn.Linear`` modules with weights of
+at least :data:`LARGE_WEIGHT` elements run as :class:`_DeferredLinear`: its backward returns the input's gradient
+and, while the engine back-propagates a mini-batch (:meth:`WeightGradients.deferring`), keeps the layer's input and
+output gradient; when the micro-batches are done, :meth:`WeightGradients.flush` takes each weight's gradient (and
+its bias's) in one product over all of them and adds it to the gradient of the weight the forward read, as autograd
+would have. (The products run after the micro-batches' backwards, on inputs no longer in
 the cache: about 15% slower each than inside autograd's backward, which the fewer passes more than make up for
 from two micro-batches on.) Anywhere else (a backward the user's own code runs, ``create_graph``) the layer
 back-propagates as ``F.linear`` does. Under autocast the layers run as ``F.linear`` (autocast casts inside it).
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_timeprest.precision import autocasting
 
 __all__ = ["WeightGradients"]
 
@@ -83,8 +85,9 @@ class WeightGradients:
             self._collecting = False
 
     def keep(self, weight: Tensor, bias: Tensor | None, x: Tensor, grad: Tensor) -> bool:
-        """Keep one layer call's input and output gradient for :meth:`flush`. ``False``: not while the engine
-        back-propagates (or under ``create_graph``, where the gradient must be differentiable): autograd's way."""
+        """Keep one layer call's input and output gradient for :meth:`flush`. ``False`` outside the engine's
+        backward, or under ``create_graph`` (the gradient must then be differentiable): the caller takes it at once,
+        as autograd does."""
         if not self._collecting or torch.is_grad_enabled():
             return False
         kept = self._kept.get(id(weight))
@@ -129,13 +132,9 @@ def _accumulate(leaf: Tensor, grad: Tensor) -> None:
         leaf.grad.add_(grad)
 
 
-def _autocasting() -> bool:
-    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-
-
 def _forward(layer: nn.Linear, grads: WeightGradients, x: Tensor) -> Tensor:
     w, b = layer.weight, layer.bias
-    if not (torch.is_grad_enabled() and w.requires_grad) or _autocasting():
+    if not (torch.is_grad_enabled() and w.requires_grad) or autocasting():
         return F.linear(x, w, b)
     return _DeferredLinear.apply(x, w, b, grads)
 
@@ -157,7 +156,7 @@ class _DeferredLinear(torch.autograd.Function):
         wants_w, wants_b = ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]
         if wants_w and ctx.grads.keep(ctx.weight, b if wants_b else None, x, grad):
             return grad_x, None, None, None
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_w = g.t().matmul(x.reshape(-1, x.shape[-1])) if wants_w else None
+        g = _as_rows(grad)
+        grad_w = g.t().matmul(_as_rows(x)) if wants_w else None
         grad_b = g.sum(0) if wants_b else None
         return grad_x, grad_w, grad_b, None

@@ -117,6 +117,18 @@ def test_matches_single_process_reference(tmp_path, policy, w, n, optimizer, rul
         assert v == 1
 
 
+def test_without_deferred_weight_gradients_autograd_takes_them_and_the_model_is_the_same(tmp_path):
+    """defer_weight_grads=False: no layer runs deferred (even where every one would), and the run still equals the
+    reference."""
+    policy, w, n = "timeprest_v", 2, 2
+    got = _run(tmp_path, policy, w, n, "sgd", "graph", "--no-defer")
+    placements = [torch.load(tmp_path / f"{policy}-{w}.pt.rank{r}", weights_only=False) for r in range(w)]
+    assert [p["deferred_layers"] for p in placements] == [0] * w
+    schedules, _, _ = _streams_run(tmp_path, f"{policy}-{w}", w, n)
+    ref = reference(policy, w, n, optimizer="sgd", rule="graph", epochs=2, schedules=schedules)
+    assert_same_params(ref, {k: v for k, v in got["state_dict"].items() if k in ref})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy, w, n, optimizer, rule", [("timeprest_i", 3, 4, "adam", "graph"),
                                                             ("timeprest", 4, 3, "sgd", "recompute")])  # fmt: skip
