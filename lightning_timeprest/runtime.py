@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lightning_timeprest.comm import StageComm
 from lightning_timeprest.costs import OpClock
 from lightning_timeprest.schedules import OpKind, Schedule
+from lightning_timeprest.weight_gradients import WeightGradients
 
 __all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StageRunner", "StepResult", "through_stage"]
 
@@ -169,6 +170,9 @@ class PipelineRuntime:
         self.is_last = stage == num_stages - 1
         #: how long this stage's training ops took (compute only), for the ideal they are compared with
         self.clock = OpClock()
+        #: the Linear layers whose weight gradients the backward ops take once per mini-batch, when installed
+        #: (gpipe: every micro-batch's activations are held until the backwards anyway)
+        self.weight_grads = WeightGradients()
 
     @property
     def runs_user_code(self) -> bool:
@@ -191,7 +195,7 @@ class PipelineRuntime:
         """
         result = StepResult()
         inflight: dict[int, _InFlight] = {}
-        clock = self.clock
+        backwards: list[float] = []  # the backward ops' times, recorded with a share of the deferred products each
         try:
             for op in schedule.ops(self.stage):
                 assert op.microbatch is not None, "synchronous schedules back-propagate per micro-batch"
@@ -205,14 +209,21 @@ class PipelineRuntime:
                             record.loss = loss_of(output)
                     if train:
                         inflight[op.microbatch] = record
+                        self.clock.add("forward", time.perf_counter() - start - (self.comm.wait_seconds - waited))
                 elif train:
-                    self._backward(inflight.pop(op.microbatch), loss_weights[op.microbatch])
-                if train:
-                    busy = time.perf_counter() - start - (self.comm.wait_seconds - waited)
-                    clock.add("forward" if op.kind is OpKind.FORWARD else "backward", busy)
+                    with self.weight_grads.deferring():
+                        self._backward(inflight.pop(op.microbatch), loss_weights[op.microbatch])
+                    backwards.append(time.perf_counter() - start - (self.comm.wait_seconds - waited))
+            if backwards:
+                start = time.perf_counter()
+                self.weight_grads.flush()
+                flush_s = (time.perf_counter() - start) / len(backwards)  # a share of the deferred products each
+                for seconds in backwards:
+                    self.clock.add("backward", seconds + flush_s)
             self.comm.wait_sends()
         finally:
             inflight.clear()
+            self.weight_grads.discard()
         return result
 
     def _forward(self, j: int, call_user: Callable[[int], Any], train: bool) -> tuple[_InFlight, Any]:

@@ -118,10 +118,11 @@ class PipelineStrategyMixin:
         op_costs: per stage ``[forward, backward, step]`` (one micro-batch's forward and backward, the optimizer
             step; any unit) to generate the nF1B order from, instead of measuring them at setup. Measured costs
             vary a little between runs and so may the order; give them to replay an order exactly.
-        defer_weight_grads: asynchronous policies: a stage's ``nn.Linear`` layers take their weight gradients once
-            per mini-batch, over all its micro-batches, instead of once per micro-batch (the same gradients, in
-            fewer passes over the weights; see :mod:`~lightning_timeprest.weight_gradients`). ``False`` leaves
-            them to autograd.
+        defer_weight_grads: gpipe and the asynchronous policies: a stage's ``nn.Linear`` layers take their weight
+            gradients once per mini-batch, over all its micro-batches, instead of once per micro-batch (the same
+            gradients, in fewer passes over the weights; see :mod:`~lightning_timeprest.weight_gradients`).
+            ``False`` leaves them to autograd, as 1f1b always does (keeping every micro-batch's layer inputs to the
+            end of the mini-batch would undo what 1f1b saves in memory).
         The remaining arguments are those of Lightning's ``DDPStrategy``.
     """
 
@@ -362,6 +363,9 @@ class PipelineStrategyMixin:
         backend = self._get_process_group_backend()
         comm = StageComm(self.stage, self._groups.pipeline, self.root_device, self.config.p2p_timeout, backend)
         runtime = PipelineRuntime(self.stage, self.num_stages, placement.runner, comm)
+        if self.schedule_name == "gpipe" and self.config.defer_weight_grads and self.num_microbatches > 1:
+            # (1f1b frees each micro-batch's activations at its backward, which keeping the layers' inputs would undo)
+            runtime.weight_grads.install(placement.runner)
         rank_zero_info(
             f"{type(self).__name__}: schedule={self.schedule_name}, stages={self.num_stages}, micro-batches="
             f"{self.num_microbatches}, {placement.description}, {len(placement.replicated)} replicated parameters\n"
@@ -456,6 +460,14 @@ class PipelineStrategyMixin:
         if self._async is not None:
             return self._async.engine.clock
         return self._stage.runtime.clock if self._stage is not None else None
+
+    @property
+    def deferred_layers(self) -> int:
+        """How many of this stage's ``nn.Linear`` layers take their weight gradients once per mini-batch
+        (``defer_weight_grads``), while fitting; 0 otherwise."""
+        if self._async is not None:
+            return self._async.engine.weight_grads.layers
+        return self._stage.runtime.weight_grads.layers if self._stage is not None else 0
 
     @property
     def async_runtime(self) -> AsyncRuntime | None:
@@ -581,6 +593,7 @@ class PipelineStrategyMixin:
         module, placement, stage = self.lightning_module, self._placement, self._stage
         if module is None or placement is None or stage is None:
             return
+        stage.runtime.weight_grads.uninstall()
         if self._async is not None:
             self._async.engine.weight_grads.uninstall()
         merged = ckpt.gather_every_stage(module, placement, stage) if gather and self.num_stages > 1 else {}

@@ -8,15 +8,16 @@ micro-batched backward costs beyond a whole batch's (4 Linear layers of 1024, 25
 the backward took 1.6x the whole batch's; with the weight gradient taken once, 1.3x). The input's gradient, which
 the stage before waits for, is still computed per micro-batch.
 
-So, under the asynchronous engine with more than one micro-batch, a stage's ``nn.Linear`` modules with weights of
-at least :data:`LARGE_WEIGHT` elements run as :class:`_DeferredLinear`: its backward returns the input's gradient
-and, while the engine back-propagates a mini-batch (:meth:`WeightGradients.deferring`), keeps the layer's input and
-output gradient; when the micro-batches are done, :meth:`WeightGradients.flush` takes each weight's gradient (and
-its bias's) in one product over all of them and adds it to the gradient of the weight the forward read, as autograd
-would have. (The products run after the micro-batches' backwards, on inputs no longer in
-the cache: about 15% slower each than inside autograd's backward, which the fewer passes more than make up for
-from two micro-batches on.) Anywhere else (a backward the user's own code runs, ``create_graph``) the layer
-back-propagates as ``F.linear`` does. Under autocast the layers run as ``F.linear`` (autocast casts inside it).
+So, under gpipe and the asynchronous engine with more than one micro-batch, a stage's ``nn.Linear`` modules with
+weights of at least :data:`LARGE_WEIGHT` elements run as :class:`_DeferredLinear`: its backward returns the input's
+gradient and, while the runtime back-propagates a mini-batch (:meth:`WeightGradients.deferring`), keeps the layer's
+input and output gradient; when the micro-batches are done, :meth:`WeightGradients.flush` takes each weight's gradient
+(and its bias's) in one product over all of them and adds it to the gradient of the weight the forward read, as
+autograd would have. (The products run after the micro-batches' backwards, on inputs no longer in the cache: about
+15% slower each than inside autograd's backward, which the fewer passes more than make up for from two micro-batches
+on.) Not under 1f1b, which frees each micro-batch's activations at its backward: keeping the layers' inputs to the
+end of the mini-batch would undo that. Anywhere else (a backward the user's own code runs, ``create_graph``) the
+layer back-propagates as ``F.linear`` does. Under autocast the layers run as ``F.linear`` (autocast casts inside it).
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class WeightGradients:
         kept.inputs.append(x)
         kept.grads.append(grad)
         return True
+
+    def discard(self) -> None:
+        """Forget what was kept (a mini-batch that failed before its :meth:`flush`)."""
+        self._kept = {}
 
     def flush(self) -> None:
         """Add each kept weight's gradient, one product over all its calls, to the ``.grad`` of the weight (and bias)

@@ -23,8 +23,13 @@ COMMON = ("--val", "--epochs", "2", "--batch-size", "18", "--accumulate", "2", "
 )
 def test_matches_single_device(tmp_path, reference, devices, schedule, optimizer):
     ref = reference(*COMMON, "--optimizer", optimizer)
-    got = train(tmp_path, "pp", *COMMON, "--optimizer", optimizer, "--devices", str(devices), "--schedule", schedule)
+    # --defer-all: gpipe's Linear layers take their weight gradients once per mini-batch (weight_gradients), as the
+    # larger layers they are meant for do by default; 1f1b's stay with autograd
+    args = (*COMMON, "--optimizer", optimizer, "--devices", str(devices), "--schedule", schedule, "--defer-all")
+    got = train(tmp_path, "pp", *args)
     assert_same_params(ref["state_dict"], got["state_dict"])
+    deferred = [torch.load(tmp_path / f"pp.pt.rank{r}", weights_only=False)["deferred_layers"] for r in range(devices)]
+    assert all((count >= 1) == (schedule == "gpipe") for count in deferred), deferred
     assert got["global_step"] == ref["global_step"] == 6
     ref_losses = torch.tensor([s["train_loss_step"] for s in ref["steps"]])
     got_losses = torch.tensor([s["train_loss_step"] for s in got["steps"]])

@@ -68,6 +68,7 @@ class Record(Callback):
         self.pipeline.append({k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("pipeline/")})
 
     def on_train_end(self, trainer, pl_module):
+        self.deferred_layers = getattr(trainer.strategy, "deferred_layers", None)
         engine = getattr(trainer.strategy, "async_runtime", None)
         if engine is not None:
             self.learning_rates = list(engine.learning_rates)
@@ -78,7 +79,6 @@ class Record(Callback):
             ]
             self.orders = list(engine.stream_orders)
             self.op_costs = trainer.strategy.op_costs
-            self.deferred_layers = engine.weight_grads.layers
 
 
 def constant_one(d: int) -> float:
