@@ -59,6 +59,7 @@ from lightning_timeprest.sigterm import SigtermAgreement
 from lightning_timeprest.stage import Stage
 from lightning_timeprest.stage_stats import StageStatistics, StepStats
 from lightning_timeprest.sync_driver import SyncDriver
+from lightning_timeprest.weight_gradients import eligible
 
 __all__ = ["CALIBRATION_STEPS", "PipelineConfigError", "PipelineStrategyMixin", "TiMePReStStrategy"]
 
@@ -363,13 +364,16 @@ class PipelineStrategyMixin:
         backend = self._get_process_group_backend()
         comm = StageComm(self.stage, self._groups.pipeline, self.root_device, self.config.p2p_timeout, backend)
         runtime = PipelineRuntime(self.stage, self.num_stages, placement.runner, comm)
-        if self.schedule_name == "gpipe" and self.config.defer_weight_grads and self.num_microbatches > 1:
-            # (1f1b frees each micro-batch's activations at its backward, which keeping the layers' inputs would undo)
+        # (1f1b frees each micro-batch's activations at its backward, which keeping the layers' inputs would undo)
+        deferring = self.config.defer_weight_grads and self.num_microbatches > 1
+        deferred = len(eligible(placement.runner)) if deferring and self.schedule_name != "1f1b" else 0
+        if deferring and self.schedule_name == "gpipe":
             runtime.weight_grads.install(placement.runner)
+        once = f", stage 0: {deferred} nn.Linear layers take weight gradients once per mini-batch" if deferred else ""
         rank_zero_info(
             f"{type(self).__name__}: schedule={self.schedule_name}, stages={self.num_stages}, micro-batches="
-            f"{self.num_microbatches}, {placement.description}, {len(placement.replicated)} replicated parameters\n"
-            + format_table(placement.table)
+            f"{self.num_microbatches}, {placement.description}, {len(placement.replicated)} replicated parameters"
+            f"{once}\n" + format_table(placement.table)
         )
         self.precision_plugin.convert_module(module)
         self.model_to_device()

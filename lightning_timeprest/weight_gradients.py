@@ -59,11 +59,9 @@ class WeightGradients:
         """Run every ``nn.Linear`` in ``module`` (the class itself, not a subclass with its own ``forward``) whose
         weight has at least ``min_weight`` elements (default :data:`LARGE_WEIGHT`) as a deferred layer; return how
         many. :meth:`uninstall` gives them their own ``forward`` back."""
-        smallest = LARGE_WEIGHT if min_weight is None else min_weight
-        for layer in module.modules():
-            if type(layer) is nn.Linear and "forward" not in vars(layer) and layer.weight.numel() >= smallest:
-                layer.forward = partial(_forward, layer, self)  # type: ignore[method-assign]
-                self._installed.append(layer)
+        for layer in eligible(module, min_weight):
+            layer.forward = partial(_forward, layer, self)  # type: ignore[method-assign]
+            self._installed.append(layer)
         return len(self._installed)
 
     @property
@@ -112,6 +110,18 @@ class WeightGradients:
                 _accumulate(k.weight, g.t().matmul(_rows(k.inputs)))
                 if k.bias is not None:
                     _accumulate(k.bias, g.sum(0))
+
+
+def eligible(module: nn.Module, min_weight: int | None = None) -> list[nn.Linear]:
+    """The layers :meth:`WeightGradients.install` would defer in ``module``: every ``nn.Linear`` (the class itself,
+    with no ``forward`` of its own set on it) whose weight has at least ``min_weight`` (default
+    :data:`LARGE_WEIGHT`) elements."""
+    smallest = LARGE_WEIGHT if min_weight is None else min_weight
+    return [
+        layer
+        for layer in module.modules()
+        if type(layer) is nn.Linear and "forward" not in vars(layer) and layer.weight.numel() >= smallest
+    ]
 
 
 #: Layers with smaller weights run as they are: a deferred layer's own calls cost about 0.1 ms a call and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_params, train
+from conftest import assert_same_params, run_script, train
 
 # validation on, 2 epochs (an epoch boundary), 100 samples in batches of 18 (uneven micro-batches 5,5,4,4 and a
 # short last batch of 10), gradient accumulation over 2 batches
@@ -26,10 +26,14 @@ def test_matches_single_device(tmp_path, reference, devices, schedule, optimizer
     # --defer-all: gpipe's Linear layers take their weight gradients once per mini-batch (weight_gradients), as the
     # larger layers they are meant for do by default; 1f1b's stay with autograd
     args = (*COMMON, "--optimizer", optimizer, "--devices", str(devices), "--schedule", schedule, "--defer-all")
-    got = train(tmp_path, "pp", *args)
+    proc = run_script(tmp_path, *args, "--out", str(tmp_path / "pp.pt"))
+    got = torch.load(tmp_path / "pp.pt", weights_only=False)
     assert_same_params(ref["state_dict"], got["state_dict"])
     deferred = [torch.load(tmp_path / f"pp.pt.rank{r}", weights_only=False)["deferred_layers"] for r in range(devices)]
     assert all((count >= 1) == (schedule == "gpipe") for count in deferred), deferred
+    # the start-up line says so
+    said = f"stage 0: {deferred[0]} nn.Linear layers take weight gradients once per mini-batch"
+    assert (said in proc.stdout + proc.stderr) == (schedule == "gpipe")
     assert got["global_step"] == ref["global_step"] == 6
     ref_losses = torch.tensor([s["train_loss_step"] for s in ref["steps"]])
     got_losses = torch.tensor([s["train_loss_step"] for s in got["steps"]])
