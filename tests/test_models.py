@@ -89,6 +89,16 @@ def check_against_async_reference(
     assert apart > 1000 * tol["atol"], (name, schedule, OTHER_RULE[schedule], apart)
 
 
+def assert_deferred(tmp_path: Path, name: str, schedule: str, stages: int) -> None:
+    """Under ``--defer-all``, gpipe's and the nF1B policies' stages took Linear weight gradients once per mini-batch
+    (N > 1); 1f1b's and pipedream's (one micro-batch) none."""
+    deferred = [
+        torch.load(tmp_path / f"pipe.{name}.{schedule}.rank{r}.pt", weights_only=False)["deferred"]
+        for r in range(stages)
+    ]
+    assert (sum(deferred) > 0) == (schedule not in ("1f1b", "pipedream")), (name, schedule, deferred)
+
+
 def run_zoo(tmp_path: Path, *args: str, timeout: float = 420) -> None:
     run_script(tmp_path, *args, timeout=timeout, script=SCRIPT)
 
@@ -99,7 +109,10 @@ def run_zoo(tmp_path: Path, *args: str, timeout: float = 420) -> None:
 def test_model_trains_under_every_schedule(tmp_path, model, stages):
     n = 2 if stages == 2 else 4  # timeprest_v is staleness-free only for W <= N + 1
     common = ("--model", model, "--n", str(n), "--precision", "64-true", "--batch-size", "8", "--steps", "3")
-    run_zoo(tmp_path, *common, "--devices", str(stages), "--schedules", ",".join(SCHEDULES), "--out", "pipe")
+    # --defer-all: the stages' Linear layers (the user's own modules inside the traced graph) take their weight
+    # gradients once per mini-batch, as larger ones do by default
+    run_zoo(tmp_path, *common, "--devices", str(stages), "--schedules", ",".join(SCHEDULES), "--out", "pipe",
+            "--defer-all")  # fmt: skip
     run_zoo(tmp_path, *common, "--devices", "0", "--schedules", "reference", "--out", "one")
     reference = torch.load(tmp_path / f"one.{model}.reference.pt", weights_only=False)["state"]
     for schedule in SCHEDULES:
@@ -108,6 +121,7 @@ def test_model_trains_under_every_schedule(tmp_path, model, stages):
         assert list(state) == list(reference), schedule
         table = run["table"]
         assert [row[0] for row in table[1:]] == [str(s) for s in range(stages)]
+        assert_deferred(tmp_path, model, schedule, stages)
         if schedule in SYNCHRONOUS:
             for key, value in reference.items():
                 torch.testing.assert_close(state[key], value, rtol=1e-9, atol=1e-9, msg=lambda m, k=key: f"{k}: {m}")
@@ -151,7 +165,9 @@ def test_hugging_face_models_train_under_every_policy_with_a_loss_in_the_step(tm
     pytest.importorskip("transformers")
     common = ("--n", "2", "--precision", "64-true", "--batch-size", "8", "--steps", "3", "--loss", "step")
     run_zoo(tmp_path, "--model", "hf-llama", "--devices", "2", "--schedules", ",".join(SCHEDULES),
-            "--out", "pipe", *common)  # fmt: skip
+            "--out", "pipe", "--defer-all", *common)  # fmt: skip
+    for schedule in SCHEDULES:  # Llama's projections are nn.Linear: they ran deferred (gpipe, nF1B)
+        assert_deferred(tmp_path, "hf-llama", schedule, 2)
     run_zoo(tmp_path, "--model", "hf-llama", "--devices", "0", "--schedules", "reference", "--out", "one",
             *common)  # fmt: skip
     _compare(tmp_path, ["hf-llama"], list(SCHEDULES), loss="step")

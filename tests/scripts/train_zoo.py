@@ -6,8 +6,9 @@ gradients accumulated over them: the single-device training the synchronous sche
 statistics included (they are per micro-batch in a pipeline). Rank 0 saves, per model and schedule, the final
 state dict, the partition table, the split points (the first block of each stage after the first, from the table),
 the batches stage 0 trained on, in order, and the logged metrics; every rank saves the names of the parameters its
-optimizer holds and the ops it ran (``strategy.trace``, asynchronous policies), for
-tests/generic_async_reference.py to replay.
+optimizer holds, the ops it ran (``strategy.trace``, asynchronous policies), for
+tests/generic_async_reference.py to replay, and how many Linear layers took their weight gradients once per
+mini-batch (``--defer-all`` makes every one eligible).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import lightning_timeprest  # noqa: F401  (registers the strategies)
 from examples.gpt import GPTLanguageModel, make_markov_tokens
 from examples.vision import ImageClassifier, make_cifar_like
-from lightning_timeprest import TiMePReStStrategy
+from lightning_timeprest import TiMePReStStrategy, weight_gradients
 
 
 def model_and_data(name: str, samples: int, loss: str = "model") -> tuple[torch.nn.Module, TensorDataset]:
@@ -66,6 +67,7 @@ class Record(Callback):
         self.batches: list = []
         self.held: list[str] = []
         self.trace: list = []
+        self.deferred = 0
 
     def on_train_start(self, trainer, pl_module):
         names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -75,6 +77,7 @@ class Record(Callback):
         self.batches.append([t.detach().cpu().clone() for t in batch])
 
     def on_train_end(self, trainer, pl_module):  # (every stream drained: the last step of the epoch drains)
+        self.deferred = getattr(trainer.strategy, "deferred_layers", 0)
         self.trace = [
             [(e.op.kind.value, e.op.minibatch, e.op.microbatch, e.version) for e in stream]
             for stream in getattr(trainer.strategy, "trace", [])
@@ -96,7 +99,12 @@ def main() -> None:
     p.add_argument("--val", action="store_true")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--out", required=True, help="prefix of the output files (PREFIX.MODEL.SCHEDULE.pt)")
+    p.add_argument(
+        "--defer-all", action="store_true", help="every Linear layer takes its weight gradient once per mini-batch"
+    )
     args = p.parse_args()
+    if args.defer_all:  # (the thin models' layers are smaller than the weights it is used for by default)
+        weight_gradients.LARGE_WEIGHT = 0
 
     names = args.model.split(",")
     for name, schedule in [(m, s) for m in names for s in args.schedules.split(",")]:
@@ -150,7 +158,8 @@ def main() -> None:
                 f"{out}.pt",
             )
         if args.devices > 0:
-            torch.save({"held": record.held, "trace": record.trace}, f"{out}.rank{trainer.global_rank}.pt")
+            rank = {"held": record.held, "trace": record.trace, "deferred": record.deferred}
+            torch.save(rank, f"{out}.rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
