@@ -320,14 +320,8 @@ def run(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--model", config["model"]]
             cmd += ["--strategy", config["strategy"], "--devices", str(config["devices"]), "--n", str(config["n"])]
             cmd += ["--steps", str(config["steps"]), "--warmup", str(args.warmup), "--cores", args.cores]
-            cmd += [
-                "--threads",
-                str(args.threads),
-                "--accelerator",
-                args.accelerator,
-                "--per-device",
-                str(args.per_device),
-            ]
+            cmd += ["--threads", str(args.threads), "--accelerator", args.accelerator]
+            cmd += ["--per-device", str(args.per_device)]
             done = subprocess.run(cmd, cwd=tmp, env=worker_env(), capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{config} failed:\n{done.stderr[-3000:]}")

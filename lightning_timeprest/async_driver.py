@@ -181,7 +181,7 @@ class AsyncDriver:
             update=self._stage_update,
             loss_scale=stage.precision.loss_scale,
             order=choice.order if choice is not None else None,
-            defer_weight_grads=config.defer_weight_grads,
+            defer_weight_grads=config.defers_weight_grads(stage.num_stages),
         )
         self.optimizer = optimizer
         stage.stats.version_difference = choice.version_difference if choice is not None else 0

@@ -118,7 +118,7 @@ class AsyncRuntime:
         update: StageUpdate,
         loss_scale: Callable[[], float] = lambda: 1.0,
         order: NF1BOrder | None = None,
-        defer_weight_grads: bool = True,
+        defer_weight_grads: bool = False,
     ) -> None:
         self.stage = stage
         self.num_stages = num_stages
@@ -149,7 +149,7 @@ class AsyncRuntime:
         self._call = _Call(root)
         #: the stage's Linear layers take their weight gradients once per mini-batch backward (weight_gradients)
         self.weight_grads = WeightGradients()
-        if defer_weight_grads and num_microbatches > 1:  # (one micro-batch: nothing to take together)
+        if defer_weight_grads:
             self.weight_grads.install(stage_module)
         #: the learning rates of each update this stage made, in order (one update per mini-batch)
         self.learning_rates: list[list[Any]] = []

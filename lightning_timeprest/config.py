@@ -54,6 +54,13 @@ class PipelineConfig:
             return max(2, num_stages - 1)
         return 2 * num_stages
 
+    def defers_weight_grads(self, num_stages: int) -> bool:
+        """Whether the stages' ``nn.Linear`` layers take their weight gradients once per mini-batch
+        (:mod:`~lightning_timeprest.weight_gradients`): with ``defer_weight_grads``, N > 1 (one micro-batch: nothing
+        to take together), and not under 1f1b, which frees each micro-batch's activations at its backward (keeping
+        the layers' inputs to the end of the mini-batch would undo that)."""
+        return self.defer_weight_grads and self.schedule != "1f1b" and self.microbatches(num_stages) > 1
+
     def check_trainer(self, trainer: Any, module: Any, fitting: bool) -> None:
         """What the Trainer and the LightningModule ask for that a pipeline cannot do (checked at setup)."""
         if fitting and not module.automatic_optimization:

@@ -364,10 +364,9 @@ class PipelineStrategyMixin:
         backend = self._get_process_group_backend()
         comm = StageComm(self.stage, self._groups.pipeline, self.root_device, self.config.p2p_timeout, backend)
         runtime = PipelineRuntime(self.stage, self.num_stages, placement.runner, comm)
-        # (1f1b frees each micro-batch's activations at its backward, which keeping the layers' inputs would undo)
-        deferring = self.config.defer_weight_grads and self.num_microbatches > 1
-        deferred = len(eligible(placement.runner)) if deferring and self.schedule_name != "1f1b" else 0
-        if deferring and self.schedule_name == "gpipe":
+        defers = self.config.defers_weight_grads(self.num_stages)
+        deferred = len(eligible(placement.runner)) if defers else 0  # (the asynchronous engine installs its own)
+        if defers and not self.is_asynchronous:
             runtime.weight_grads.install(placement.runner)
         once = f", stage 0: {deferred} nn.Linear layers take weight gradients once per mini-batch" if deferred else ""
         rank_zero_info(

@@ -119,3 +119,22 @@ def test_only_plain_linear_layers_are_installed_and_uninstall_gives_their_forwar
     assert not any("forward" in vars(m) for m in net.modules())
     y = net[:3](torch.randn(2, 3, requires_grad=True))
     assert "Deferred" not in type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize(
+    "schedule, n, defer, expected",
+    [
+        ("gpipe", 4, True, True),
+        ("timeprest_v", 2, True, True),
+        ("timeprest_i", 4, True, True),
+        ("1f1b", 4, True, False),  # frees each micro-batch's activations at its backward
+        ("pipedream", None, True, False),  # one micro-batch per mini-batch
+        ("gpipe", 1, True, False),
+        ("timeprest", 2, False, False),
+    ],
+)
+def test_which_schedules_take_weight_gradients_once_per_mini_batch(schedule, n, defer, expected):
+    from lightning_timeprest import TiMePReStStrategy
+
+    strategy = TiMePReStStrategy(schedule=schedule, num_microbatches=n, defer_weight_grads=defer)
+    assert strategy.config.defers_weight_grads(2) is expected
