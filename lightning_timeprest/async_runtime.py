@@ -393,6 +393,7 @@ class AsyncRuntime:
             runs = itertools.groupby(range(len(mb.sizes)), key=lambda j: (mb.micro[j].version, id(mb.micro[j].leaves)))
             for (version, _), js in runs:
                 self._backward_micros(mb, version, list(js))
+            self.weight_grads.flush()  # every run's Linear weight gradients, in one product per weight
 
         # the update of mini-batch m uses the learning rates of the step m entered in, on every stage (a scheduler
         # has moved on by the time a stage steps for it, by as many steps as the stage is behind)
@@ -407,6 +408,7 @@ class AsyncRuntime:
         finally:
             for g, lr in zip(groups, current, strict=True):
                 g["lr"] = lr
+            self.weight_grads.discard()  # (what a failed backward kept)
         self.skipped += int(skipped)
         if self.is_last:
             self.finished[m] = mb.outputs
@@ -457,6 +459,8 @@ class AsyncRuntime:
             self.store.lend_grads(leaves)
         with _reading_all(self.store, self.policy, self.alpha, list(sets.values())), self.weight_grads.deferring():
             torch.autograd.backward(total)
+        for leaves in sets.values():
+            self._retarget(leaves)
         self.weight_grads.flush()
         for leaves in sets.values():
             self.store.harvest(leaves)
@@ -482,7 +486,7 @@ class AsyncRuntime:
                     if pairs:
                         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                     self._send_gradients(mb, j)
-            self.weight_grads.flush()
+            self._retarget(leaves)
             self.store.harvest(leaves)
             return
         # recompute: rerun the stage with the backward weights
@@ -502,8 +506,14 @@ class AsyncRuntime:
                 with self.weight_grads.deferring():
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             self._send_gradients(mb, j)
-        self.weight_grads.flush()
+        self._retarget(leaves)
         self.store.harvest(leaves)
+
+    def _retarget(self, leaves: LeafSet) -> None:
+        """Send what the deferred Linear layers kept for ``leaves`` to the parameters' gradients, where the mini-batch's
+        flush takes it in one product per weight with the other leaf sets' (:meth:`WeightGradients.retarget`)."""
+        if self.weight_grads.layers:
+            self.weight_grads.retarget(zip(leaves.leaves, self.store.params, strict=True))
 
     def _send_gradients(self, mb: _MiniBatch, j: int) -> None:
         if not self.is_first:

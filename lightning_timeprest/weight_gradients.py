@@ -22,7 +22,7 @@ layer back-propagates as ``F.linear`` does. Under autocast the layers run as ``F
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -95,6 +95,25 @@ class WeightGradients:
         kept.inputs.append(x)
         kept.grads.append(grad)
         return True
+
+    def retarget(self, pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
+        """For each ``(old, new)``: what is kept for weight or bias ``old`` goes to ``new``'s ``.grad`` at the flush,
+        in one product with what is kept for ``new`` already. The asynchronous engine's forwards read version leaves
+        that stand in for the parameters; a mini-batch whose micro-batches read different versions (an optimizer
+        step fell between its forwards) back-propagates through several leaf sets, and their weight gradients all go
+        to the same parameter: so they still take one product per weight, not one per version."""
+        to = {id(old): new for old, new in pairs}
+        kept, self._kept = self._kept, {}
+        for k in kept.values():
+            weight = to.get(id(k.weight), k.weight)
+            bias = to.get(id(k.bias), k.bias) if k.bias is not None else None
+            into = self._kept.get(id(weight))
+            if into is None:
+                self._kept[id(weight)] = _Kept(weight, bias, k.inputs, k.grads)
+            else:
+                assert into.bias is bias, "a weight's kept calls disagree on its bias"
+                into.inputs += k.inputs
+                into.grads += k.grads
 
     def discard(self) -> None:
         """Forget what was kept (a mini-batch that failed before its :meth:`flush`)."""

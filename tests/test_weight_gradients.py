@@ -3,6 +3,7 @@ equal autograd's, and anywhere but the engine's own backward the layers back-pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -78,6 +79,44 @@ def test_the_flush_adds_into_an_existing_gradient_in_place():
     for n, p in deferred.named_parameters():
         assert p.grad is buffers[n]
         torch.testing.assert_close(p.grad, dict(plain.named_parameters())[n].grad, rtol=1e-6, atol=1e-6)
+
+
+def test_leaf_sets_retargeted_to_the_parameters_take_one_product_per_weight(monkeypatch):
+    """As the asynchronous engine runs a mini-batch whose forwards read two weight versions: each version's leaves
+    stand in for the parameters; their kept calls go to the parameters' gradients, one product per weight."""
+    from torch.func import functional_call
+
+    from lightning_timeprest import weight_gradients
+
+    plain, deferred, grads = _pair()
+    names = [n for n, _ in deferred.named_parameters()]
+    versions = [[p.detach().clone() + 0.01 * k for p in deferred.parameters()] for k in range(2)]
+    xs, targets = [torch.randn(5, 8) for _ in range(4)], [torch.randn(5, 4) for _ in range(4)]
+
+    def leaf_set(values: list[Tensor]) -> list[Tensor]:
+        return [v.clone().requires_grad_() for v in values]
+
+    def run(net: nn.Module, sets: list[list[Tensor]], defer: bool) -> None:
+        for j, (x, t) in enumerate(zip(xs, targets, strict=True)):  # micro-batches 0, 1 read version 0; 2, 3 version 1
+            leaves = sets[j // 2]
+            y = functional_call(net, dict(zip(names, leaves, strict=True)), (x,))
+            with grads.deferring() if defer else contextlib.nullcontext():
+                torch.autograd.backward(y, t)
+
+    got_sets, want_sets = [leaf_set(v) for v in versions], [leaf_set(v) for v in versions]
+    run(deferred, got_sets, defer=True)
+    for leaves in got_sets:
+        assert all(leaf.grad is None for leaf in leaves)
+        grads.retarget(zip(leaves, deferred.parameters(), strict=True))
+    products = []
+    original = weight_gradients._accumulate
+    monkeypatch.setattr(weight_gradients, "_accumulate", lambda leaf, g: (products.append(leaf), original(leaf, g)))
+    grads.flush()
+    assert len(products) == len(names) and {id(t) for t in products} == {id(p) for p in deferred.parameters()}
+    run(plain, want_sets, defer=False)
+    for i, (name, p) in enumerate(deferred.named_parameters()):
+        want = want_sets[0][i].grad + want_sets[1][i].grad
+        torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_outside_the_engines_backward_the_layers_back_propagate_at_once_and_twice():
