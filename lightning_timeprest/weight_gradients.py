@@ -52,7 +52,7 @@ class WeightGradients:
 
     def __init__(self) -> None:
         self._collecting = False
-        self._kept: dict[int, _Kept] = {}
+        self._kept: dict[tuple[int, int], _Kept] = {}  # by (weight, bias): layers may share a weight, not a bias
         self._installed: list[nn.Linear] = []
 
     def install(self, module: nn.Module, min_weight: int | None = None) -> int:
@@ -89,9 +89,10 @@ class WeightGradients:
         as autograd does."""
         if not self._collecting or torch.is_grad_enabled():
             return False
-        kept = self._kept.get(id(weight))
+        key = (id(weight), id(bias))
+        kept = self._kept.get(key)
         if kept is None:
-            kept = self._kept[id(weight)] = _Kept(weight, bias)
+            kept = self._kept[key] = _Kept(weight, bias)
         kept.inputs.append(x)
         kept.grads.append(grad)
         return True
@@ -107,11 +108,10 @@ class WeightGradients:
         for k in kept.values():
             weight = to.get(id(k.weight), k.weight)
             bias = to.get(id(k.bias), k.bias) if k.bias is not None else None
-            into = self._kept.get(id(weight))
+            into = self._kept.get((id(weight), id(bias)))
             if into is None:
-                self._kept[id(weight)] = _Kept(weight, bias, k.inputs, k.grads)
+                self._kept[(id(weight), id(bias))] = _Kept(weight, bias, k.inputs, k.grads)
             else:
-                assert into.bias is bias, "a weight's kept calls disagree on its bias"
                 into.inputs += k.inputs
                 into.grads += k.grads
 

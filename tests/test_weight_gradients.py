@@ -15,17 +15,20 @@ from lightning_timeprest.weight_gradients import WeightGradients
 
 
 class Net(nn.Module):
-    """Linear layers with and without a bias, one called twice (shared weights), over (batch, time, features)."""
+    """Linear layers with and without a bias, one called twice (shared weights), one sharing that one's weight with
+    a bias of its own, over (batch, time, features)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Linear(8, 16)
         self.b = nn.Linear(16, 16, bias=False)
+        self.d = nn.Linear(16, 16)
+        self.d.weight = self.b.weight
         self.c = nn.Linear(16, 4)
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.gelu(self.a(x))
-        h = F.gelu(self.b(h)) + self.b(h.flip(-1))
+        h = F.gelu(self.b(h)) + self.b(h.flip(-1)) + self.d(h)
         return self.c(h)
 
 
@@ -34,7 +37,7 @@ def _pair() -> tuple[Net, Net, WeightGradients]:
     plain = Net()
     deferred = copy.deepcopy(plain)
     grads = WeightGradients()
-    assert grads.install(deferred, min_weight=0) == 3
+    assert grads.install(deferred, min_weight=0) == 4
     return plain, deferred, grads
 
 
@@ -112,7 +115,9 @@ def test_leaf_sets_retargeted_to_the_parameters_take_one_product_per_weight(monk
     original = weight_gradients._accumulate
     monkeypatch.setattr(weight_gradients, "_accumulate", lambda leaf, g: (products.append(leaf), original(leaf, g)))
     grads.flush()
-    assert len(products) == len(names) and {id(t) for t in products} == {id(p) for p in deferred.parameters()}
+    layers = {(id(m.weight), id(m.bias)): m for m in deferred.modules() if isinstance(m, nn.Linear)}
+    assert len(products) == sum(1 + (m.bias is not None) for m in layers.values())  # as if one version were read
+    assert {id(t) for t in products} == {id(p) for p in deferred.parameters()}
     run(plain, want_sets, defer=False)
     for i, (name, p) in enumerate(deferred.named_parameters()):
         want = want_sets[0][i].grad + want_sets[1][i].grad
