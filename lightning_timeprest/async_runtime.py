@@ -495,7 +495,7 @@ class AsyncRuntime:
         if values[0].data_ptr() == self.store.params[0].data_ptr():
             leaves = self.store.live_leaves()
         else:
-            leaves = LeafSet(-1, values)
+            leaves = LeafSet(-1, values, self.store.params)
         self.store.lend_grads(leaves)
         for j in js:
             record = mb.micro[j]

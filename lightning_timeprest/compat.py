@@ -204,6 +204,21 @@ def pipe_from_traced(module: torch.nn.Module, program: Any) -> Any:
     return Pipe._from_traced(module, program, MultiUseParameterConfig.REPLICATE)
 
 
+def has_grad_hooks(t: torch.Tensor) -> bool:
+    """Whether hooks were registered on tensor ``t`` (``register_hook``, ``register_post_accumulate_grad_hook``)
+    that autograd calls with its gradient."""
+    return bool(t._backward_hooks) or has_post_accumulate_hooks(t)
+
+
+def has_post_accumulate_hooks(t: torch.Tensor) -> bool:
+    return bool(getattr(t, "_post_accumulate_grad_hooks", None))
+
+
+def grad_hooks(t: torch.Tensor) -> list[Callable[[torch.Tensor], torch.Tensor | None]]:
+    """The hooks ``t.register_hook`` registered, in the order autograd calls them."""
+    return list(t._backward_hooks.values()) if t._backward_hooks else []
+
+
 def scaler_found_inf(scaler: Any, optimizer: Any) -> dict[Any, torch.Tensor]:
     """A ``GradScaler``'s found-inf flags for ``optimizer`` after ``unscale_`` (one tensor per device)."""
     return scaler._per_optimizer_states[id(optimizer)].get("found_inf_per_device", {})

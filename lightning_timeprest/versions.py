@@ -41,6 +41,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_timeprest import compat
+from lightning_timeprest.errors import PipelineConfigError
+
 __all__ = ["POLICIES", "LeafSet", "Policy", "VersionStore", "significance_function"]
 
 
@@ -98,13 +101,37 @@ def _power(beta: float, d: int) -> float:
 
 
 class LeafSet:
-    """The tensors one or more forwards ran with: leaves that share a storage (live weights or a snapshot)."""
+    """The tensors one or more forwards ran with: leaves that share a storage (live weights or a snapshot).
 
-    def __init__(self, version: int, storage: list[Tensor]) -> None:
+    The leaves stand in for ``params`` (the parameters, in the same order) in the forwards' graphs, so autograd
+    never reaches the parameters themselves: the hooks registered on a parameter (``register_hook``) are called
+    from its leaf instead, with each backward's gradient of it, as autograd would call them on one device.
+    """
+
+    def __init__(self, version: int, storage: list[Tensor], params: list[nn.Parameter]) -> None:
         self.version = version
         self.storage = storage
         # a separate autograd version counter: in-place updates of the storage never invalidate pending graphs
         self.leaves = [_alias(t) for t in storage]
+        for leaf, param in zip(self.leaves, params, strict=True):
+            if compat.has_grad_hooks(param):
+                if compat.has_post_accumulate_hooks(param):
+                    raise PipelineConfigError(
+                        "a parameter has a hook registered with register_post_accumulate_grad_hook; under the "
+                        "asynchronous policies a stage's backwards accumulate into weight versions, not into the "
+                        "parameter, so it would never be called. Use register_hook (its gradient), "
+                        "on_after_backward or on_before_optimizer_step, or schedule='gpipe' or '1f1b'"
+                    )
+                leaf.register_hook(partial(_parameter_hooks, param))
+
+
+def _parameter_hooks(param: Tensor, grad: Tensor) -> Tensor:
+    """Call ``param``'s own gradient hooks, in order, on the gradient of the leaf standing in for it."""
+    for hook in compat.grad_hooks(param):
+        changed = hook(grad)
+        if changed is not None:
+            grad = changed
+    return grad
 
 
 def _same_storage(a: list[Tensor], b: list[Tensor]) -> bool:
@@ -183,7 +210,7 @@ class VersionStore:
 
     def live_leaves(self) -> LeafSet:
         if self._live is None:
-            self._live = LeafSet(self.version, [p.data for p in self.params])
+            self._live = LeafSet(self.version, [p.data for p in self.params], self.params)
         return self._live
 
     def leaves_for(self, version: int) -> LeafSet:
@@ -194,7 +221,7 @@ class VersionStore:
             raise RuntimeError(f"weight version {version} is no longer held (live version {self.version})")
         leaves = self._kept.get(version)
         if leaves is None:
-            leaves = self._kept[version] = LeafSet(version, self.snapshots[version])
+            leaves = self._kept[version] = LeafSet(version, self.snapshots[version], self.params)
         return leaves
 
     # -- bookkeeping of what pending ops need ------------------------------------------------------------------

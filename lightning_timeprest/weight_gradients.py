@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_timeprest import compat
 from lightning_timeprest.precision import autocasting
 
 __all__ = ["WeightGradients"]
@@ -85,9 +86,12 @@ class WeightGradients:
 
     def keep(self, weight: Tensor, bias: Tensor | None, x: Tensor, grad: Tensor) -> bool:
         """Keep one layer call's input and output gradient for :meth:`flush`. ``False`` outside the engine's
-        backward, or under ``create_graph`` (the gradient must then be differentiable): the caller takes it at once,
+        backward, under ``create_graph`` (the gradient must then be differentiable), or where the user registered
+        hooks on the weight or bias (autograd calls them with each call's gradient): the caller takes it at once,
         as autograd does."""
         if not self._collecting or torch.is_grad_enabled():
+            return False
+        if compat.has_grad_hooks(weight) or (bias is not None and compat.has_grad_hooks(bias)):
             return False
         key = (id(weight), id(bias))
         kept = self._kept.get(key)

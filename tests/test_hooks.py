@@ -102,3 +102,29 @@ class _Holder(torch.nn.Module):
             p = torch.nn.Parameter(torch.zeros_like(g))
             p.grad = g
             self.register_parameter(f"p{i}", p)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_tensor_hooks_on_parameters_change_their_gradients_under_every_schedule(tmp_path, schedule):
+    """A hook registered on a parameter (``register_hook``) sees its gradients and what it returns trains, under the
+    asynchronous policies too (their backwards run through weight versions standing in for the parameters): a hook
+    that zeroes the first half of every pipelined weight's and bias's gradient leaves that half as it was."""
+    from lightning.pytorch import seed_everything
+    from models import StemNetHead
+
+    seed_everything(0)  # as train.py does before making the model
+    initial = {n: p.detach().clone() for n, p in StemNetHead().named_parameters()}
+    n = "1" if schedule == "pipedream" else "2"
+    args = ("--epochs", "1", "--mask-hook", "--defer-all", "--optimizer", "adam")
+    run_script(tmp_path, *args, "--devices", "2", "--schedule", schedule, "--n", n, "--out", str(tmp_path / "r.pt"))
+    checked = set()
+    for rank in range(2):
+        values = torch.load(tmp_path / f"r.pt.rank{rank}", weights_only=False)["values"]
+        for name, value in values.items():
+            if not name.startswith("net.") or value.is_meta:
+                continue
+            half = value.shape[0] // 2
+            assert torch.equal(value[:half], initial[name][:half]), (schedule, name)  # its gradient was zeroed
+            assert not torch.equal(value[half:], initial[name][half:]), (schedule, name)  # it trained
+            checked.add(name)
+    assert len(checked) == 8  # the 4 Linear layers' weights and biases

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_timeprest import versions
+from lightning_timeprest.errors import PipelineConfigError
 from lightning_timeprest.versions import POLICIES, LeafSet, VersionStore
 
 
@@ -173,3 +174,27 @@ def test_nested_backwards_over_several_versions_all_read_the_latest_weights(setu
     assert torch.equal(x.grad, g @ live) and torch.equal(x1.grad, g @ live)
     assert torch.equal(w.detach(), live)
     assert [torch.equal(store.snapshots[v][0], k) for v, k in zip((0, 1), kept, strict=True)] == [True, True]
+
+
+def test_a_parameters_hooks_are_called_from_the_leaves_standing_in_for_it():
+    w = nn.Parameter(torch.randn(4, 3))
+    seen = []
+    w.register_hook(lambda g: seen.append(g.clone()))
+    w.register_hook(lambda g: 2 * g)  # what a hook returns is what the next one sees and what accumulates
+    w.register_hook(lambda g: seen.append(g.clone()))
+    store = VersionStore(["w"], [w])
+    leaves = store.live_leaves()
+    x, g = torch.randn(2, 3), torch.randn(2, 4)
+    torch.autograd.backward(_forward(leaves, x), g)
+    want = g.t() @ x
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0], want)
+    torch.testing.assert_close(seen[1], 2 * want)
+    torch.testing.assert_close(leaves.leaves[0].grad, 2 * want)
+
+
+def test_a_post_accumulate_grad_hook_is_refused_with_the_ways_out():
+    w = nn.Parameter(torch.randn(4, 3))
+    w.register_post_accumulate_grad_hook(lambda t: None)
+    with pytest.raises(PipelineConfigError, match="register_post_accumulate_grad_hook.*schedule='gpipe'"):
+        VersionStore(["w"], [w]).live_leaves()

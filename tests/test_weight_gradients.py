@@ -124,6 +124,30 @@ def test_leaf_sets_retargeted_to_the_parameters_take_one_product_per_weight(monk
         torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def test_a_weight_with_hooks_back_propagates_at_once_and_its_hooks_see_each_calls_gradient():
+    plain, deferred, grads = _pair()
+    seen: dict[str, list[Tensor]] = {"plain": [], "deferred": []}
+    plain.a.weight.register_hook(lambda g: seen["plain"].append(g.clone()))
+    deferred.a.weight.register_hook(lambda g: seen["deferred"].append(g.clone()))
+    accumulated = []
+    deferred.c.bias.register_post_accumulate_grad_hook(lambda t: accumulated.append(t.grad.clone()))
+    xs, targets = [torch.randn(5, 8) for _ in range(2)], [torch.randn(5, 4) for _ in range(2)]
+    with grads.deferring():
+        for x, t in zip(xs, targets, strict=True):
+            torch.autograd.backward(deferred(x), t)
+    assert deferred.a.weight.grad is not None and deferred.c.weight.grad is not None  # taken at once: hooked layers
+    assert deferred.b.weight.grad is None  # kept for the flush: no hooks on it
+    grads.flush()
+    for x, t in zip(xs, targets, strict=True):
+        torch.autograd.backward(plain(x), t)
+    assert len(seen["deferred"]) == len(seen["plain"]) == 2 and len(accumulated) == 2
+    for got, want in zip(seen["deferred"], seen["plain"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    got, want = _grads(deferred), _grads(plain)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+
 def test_outside_the_engines_backward_the_layers_back_propagate_at_once_and_twice():
     plain, deferred, _ = _pair()
     x = torch.randn(4, 8, requires_grad=True)

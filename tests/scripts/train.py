@@ -222,6 +222,9 @@ def main() -> None:
         "--defer-all", action="store_true", help="every Linear layer takes its weight gradient once per mini-batch"
     )
     p.add_argument("--no-defer", action="store_true", help="defer_weight_grads=False")
+    p.add_argument(
+        "--mask-hook", action="store_true", help="hooks on net's parameters zero the first half of their gradients"
+    )
     p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
     p.add_argument("--accelerator", default="cpu", help="cpu|gpu (the GPU check script)")
     p.add_argument("--out", required=True)
@@ -318,6 +321,9 @@ def main() -> None:
     with trainer.init_module(empty_init=True) if args.empty_init else contextlib.nullcontext():
         model = cls(**kwargs)
     created_on_meta = all(p.is_meta for p in model.parameters()) if args.empty_init else None
+    if args.mask_hook:
+        for param in model.net.parameters():
+            param.register_hook(zero_first_half)
     make_loader = {"TiedLM": models.token_loader, "DictBatch": models.dict_loader}.get(args.model, models.loader)
     val = make_loader(args.eval_batch_size or args.batch_size) if args.val else None
     try:
@@ -369,6 +375,13 @@ def main() -> None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
         torch.save({"orders": record.orders, "op_costs": record.op_costs}, f"{args.out}.orders{trainer.global_rank}")
         torch.save(record.learning_rates, f"{args.out}.lrs{trainer.global_rank}")
+
+
+def zero_first_half(grad: torch.Tensor) -> torch.Tensor:
+    """A tensor hook (``register_hook``): the gradient with its first half of rows zeroed."""
+    grad = grad.clone()
+    grad[: grad.shape[0] // 2] = 0
+    return grad
 
 
 if __name__ == "__main__":
