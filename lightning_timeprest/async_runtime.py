@@ -499,7 +499,7 @@ class AsyncRuntime:
         self.store.lend_grads(leaves)
         for j in js:
             record = mb.micro[j]
-            with _rng_restored(record.rng):
+            with _rng_restored(record.rng), _buffers_kept(self.root):
                 _, out = self._stage_forward(mb, j, record.inputs, leaves)
             pairs = self.comm.recv_gradients(out, record.grads)
             if pairs:
@@ -583,6 +583,23 @@ def _recasting(leaves: Sequence[Tensor]) -> AbstractContextManager:
         return copy.as_strided(*saved.view) if saved.view is not None else copy
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+@contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Rerunning a forward must not update ``module``'s buffers a second time (BatchNorm's running statistics
+    and its batch count: the forward it repeats updated them already): they are put back as they were before."""
+    kept = [(name, b, b.clone()) for name, b in module.named_buffers() if not b.is_meta]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b, before in kept:
+                # through .data: the rerun's graph may have saved the buffer (batch norm saves its running
+                # statistics, unused by its backward in training), and an in-place write would fail that backward
+                b.data.copy_(before)
+                owner, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(owner), attr, b)  # (in case the forward assigned a new tensor)
 
 
 def _rng_state() -> tuple[Tensor, list[Tensor]]:

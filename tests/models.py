@@ -177,6 +177,20 @@ class ShortNet(StemNetHead):
         self.net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
 
 
+class BatchNormNet(StemNetHead):
+    """Batch norm on both stages' part of the pipelined module: buffers (running statistics, a batch count) that
+    every training forward updates."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        w = self.hparams.width
+        self.net = nn.Sequential(
+            *(nn.Linear(w, w), nn.BatchNorm1d(w), nn.Tanh()),
+            *(nn.Linear(w, w), nn.BatchNorm1d(w), nn.Tanh()),
+            nn.Linear(w, w),
+        )
+
+
 class Gate(nn.Module):
     """A block of two inputs: what the pipeline must carry across a boundary is more than one tensor."""
 

@@ -130,6 +130,25 @@ def test_without_deferred_weight_gradients_autograd_takes_them_and_the_model_is_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("policy", ["timeprest_v", "timeprest_i"])
+def test_the_recompute_rule_updates_batch_norm_statistics_once_per_forward(tmp_path, policy):
+    """The recompute rule reruns a stage's forward at backward time; that rerun must not update the stage's buffers
+    again. With a learning rate of 0 every forward sees the same weights, so the graph rule (one forward per
+    micro-batch) and the recompute rule must leave the same running statistics and batch counts."""
+    buffers = {}
+    for rule in ("graph", "recompute"):
+        train(tmp_path, f"{rule}", "--epochs", "1", "--model", "BatchNormNet", "--lr", "0", "--devices", "2",
+              "--schedule", policy, "--n", "2", "--rule", rule)  # fmt: skip
+        ranks = [torch.load(tmp_path / f"{rule}.pt.rank{r}", weights_only=False)["buffers"] for r in range(2)]
+        buffers[rule] = {k: v for rank in ranks for k, v in rank.items() if k.startswith("net.")}
+    counts = [v for k, v in buffers["graph"].items() if k.endswith("num_batches_tracked")]
+    assert len(counts) == 2 and all(int(c) == 6 * 2 for c in counts)  # 6 mini-batches of 2 micro-batches each
+    assert buffers["graph"].keys() == buffers["recompute"].keys()
+    for name, value in buffers["graph"].items():
+        assert torch.equal(buffers["recompute"][name], value), name
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, w, n, optimizer, rule", [("timeprest_i", 3, 4, "adam", "graph"),
                                                             ("timeprest", 4, 3, "sgd", "recompute")])  # fmt: skip
 def test_given_op_costs_run_the_generated_order_exactly(tmp_path, policy, w, n, optimizer, rule):

@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--schedule", default="gpipe")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--lr", type=float, default=None, help="the model's learning rate (its own default if not given)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--accumulate", type=int, default=1)
@@ -314,6 +315,8 @@ def main() -> None:
     else:
         cls = getattr(models, args.model)
         kwargs = {"optimizer": args.optimizer} if "optimizer" in cls.__init__.__code__.co_varnames else {}
+        if args.lr is not None:
+            kwargs["lr"] = args.lr
         if args.scheduler:
             kwargs["scheduler"] = args.scheduler
     if args.grad_norm:
@@ -361,6 +364,7 @@ def main() -> None:
     if args.devices > 0 and hasattr(record, "placement"):
         record.placement["global_step"] = trainer.global_step
         record.placement["values"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        record.placement["buffers"] = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
         record.placement["stopped"] = trainer.should_stop
         record.placement["stats"] = [list(s.staleness) for s in getattr(trainer.strategy, "stats", [])]  # per step
         record.placement["pipeline"] = {
