@@ -227,6 +227,9 @@ def worker(args: argparse.Namespace) -> None:
                 if v["schedule"] == "single"
                 else lightning_timeprest.TiMePReStStrategy(
                     schedule=v["schedule"],
+                    # one cut for every variant and run: a measured ("time") cut can move between fits, and under
+                    # the asynchronous policies it decides which layers run on stale weights
+                    balance="parameters",
                     num_microbatches=None if v["schedule"] == "pipedream" else args.n,
                     backward_rule=v["rule"] or "graph",
                     decay_lambda=1.0 if v["lambda"] is None else v["lambda"],
