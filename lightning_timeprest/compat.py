@@ -211,6 +211,7 @@ def has_grad_hooks(t: torch.Tensor) -> bool:
 
 
 def has_post_accumulate_hooks(t: torch.Tensor) -> bool:
+    """Whether ``t.register_post_accumulate_grad_hook`` registered a hook (absent before torch 2.2)."""
     return bool(getattr(t, "_post_accumulate_grad_hooks", None))
 
 
