@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_timeprest import metrics
+from lightning_timeprest import averaging, metrics
 from lightning_timeprest.async_runtime import AsyncRuntime
 from lightning_timeprest.config import PipelineConfig
 from lightning_timeprest.costs import OpClock, agreed_costs
@@ -354,12 +354,15 @@ class AsyncDriver:
                 )
             if trainers:
                 self.owners[i] = trainers[0]
+        # (with the parameters, the weight-averaging callbacks' averages of them: see lightning_timeprest.averaging)
+        averages = averaging.replicated_averages(self.module.trainer, [r.name for r in replicated])
         with torch.no_grad():
-            for r, p, owner in zip(replicated, stage.replicated_local, self.owners, strict=True):
-                wire = p.detach().cpu() if p is not None else torch.empty(r.shape, dtype=r.dtype)
-                stage.comm.broadcast_tensor(wire, owner)
-                if p is not None:
-                    p.copy_(wire)
+            for i, (r, owner) in enumerate(zip(replicated, self.owners, strict=True)):
+                for p in [stage.replicated_local[i], *(held[i] for held in averages)]:
+                    wire = p.detach().cpu() if p is not None else torch.empty(r.shape, dtype=r.dtype)
+                    stage.comm.broadcast_tensor(wire, owner)
+                    if p is not None:
+                        p.copy_(wire)
 
     # -- the order ------------------------------------------------------------------------------------------
 

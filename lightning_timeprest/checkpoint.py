@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from lightning_timeprest.stage import Stage
 
 __all__ = [
+    "CURRENT_STATE",
     "META_FILE",
     "ORDER_KEY",
     "CheckpointError",
@@ -58,6 +59,8 @@ __all__ = [
 #: in a sharded checkpoint (a directory): Lightning's checkpoint without the model and optimizer states, plus what
 #: consolidating needs; each stage's states are in :func:`shard_file`
 META_FILE = "meta.pt"
+#: where Lightning's ``WeightAveraging`` keeps the model's own state (its ``state_dict`` is then the averaged one)
+CURRENT_STATE = "current_model_state"
 #: the checkpoint entry holding the op costs the nF1B order was generated from
 ORDER_KEY = "timeprest_order"
 
@@ -136,6 +139,8 @@ def write_shard(checkpoint: dict[str, Any], directory: Path, stage: int, placeme
     (rank 0) the rest of the checkpoint and what consolidating needs."""
     num_stages = placement.plan.num_stages
     shard = {"state_dict": checkpoint.pop("state_dict"), "optimizer_states": checkpoint.pop("optimizer_states")}
+    if CURRENT_STATE in checkpoint:  # (a weight-averaging callback's: the stage's entries, as the averaged ones)
+        shard[CURRENT_STATE] = checkpoint.pop(CURRENT_STATE)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(shard, directory / shard_file(stage, num_stages))
     if meta:
@@ -278,6 +283,8 @@ def consolidate(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"the sharded checkpoint {path} lacks {file.name}: a stage did not finish writing it")
         shards.append(torch.load(file, map_location="cpu", mmap=True, weights_only=False))
     checkpoint["state_dict"] = merge_state_dicts([s["state_dict"] for s in shards], layout["state_keys"])
+    if CURRENT_STATE in shards[0]:
+        checkpoint[CURRENT_STATE] = merge_state_dicts([s[CURRENT_STATE] for s in shards], layout["state_keys"])
     checkpoint["optimizer_states"] = [
         consolidate_optimizer_states([s["optimizer_states"][i] for s in shards], layout["param_order"])
         for i in range(len(shards[0]["optimizer_states"]))

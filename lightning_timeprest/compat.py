@@ -33,17 +33,21 @@ __all__ = [
     "annotate_split_points",
     "apply_to_tensors",
     "assert_async",
+    "average_model",
     "buffer_table",
     "call_hooks",
     "causal_mask_check",
     "data_source",
     "disable_distributed_sampler",
     "keep_random_state",
+    "lightning_callbacks",
     "metric_bookkeeping",
+    "non_persistent_buffers",
     "optimizers_to_device",
     "parameter_table",
     "pipe_from_traced",
     "pytree",
+    "rebuild_average_model",
     "restore_sigterm_handling",
     "scaler_found_inf",
     "set_causal_mask_check",
@@ -141,6 +145,27 @@ def after_closure(precision: Any, model: Any, optimizer: Any) -> None:
     precision._after_closure(model, optimizer)
 
 
+def lightning_callbacks(trainer: Any) -> Any:
+    """``lightning.pytorch.callbacks`` (or ``pytorch_lightning``'s), the package of ``trainer``'s own callbacks."""
+    return importlib.import_module(_trainer_call_module(trainer).__name__.rsplit(".", 2)[0] + ".callbacks")
+
+
+def average_model(callback: Any) -> Any:
+    """A ``WeightAveraging`` callback's ``AveragedModel`` (``None`` before ``fit`` starts)."""
+    return callback._average_model
+
+
+def rebuild_average_model(callback: Any, copy: torch.nn.Module, device: torch.device) -> None:
+    """Give a ``WeightAveraging`` callback a fresh ``AveragedModel`` around ``copy`` (already a copy of the module),
+    made with the callback's own arguments as its ``setup`` makes one (``_device``, ``_use_buffers``, ``_kwargs``);
+    ``device``: where the module is, used unless the callback names one."""
+    from torch.optim.swa_utils import AveragedModel
+
+    averaged = AveragedModel(torch.nn.Module(), use_buffers=callback._use_buffers, **callback._kwargs)
+    averaged.module = copy.to(callback._device or device)
+    callback._average_model = averaged
+
+
 def skip_closure_backward(trainer: Any, skip: bool) -> None:
     """Make Lightning's automatic-optimization closure run ``training_step`` only, without its ``zero_grad`` and
     ``backward`` (``fit_loop._skip_backward``, which Lightning's own StochasticWeightAveraging sets too)."""
@@ -186,6 +211,11 @@ def buffer_table(module: torch.nn.Module) -> dict[str, Any]:
 def submodule_table(module: torch.nn.Module) -> dict[str, Any]:
     """``module._modules``: the module's children by name, including ones ``named_children`` hides (duplicates)."""
     return module._modules
+
+
+def non_persistent_buffers(module: torch.nn.Module) -> set[str]:
+    """``module._non_persistent_buffers_set``: its buffers that ``state_dict`` leaves out."""
+    return module._non_persistent_buffers_set
 
 
 def view_base(tensor: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_timeprest import averaging, compat, metrics
 from lightning_timeprest import checkpoint as ckpt
-from lightning_timeprest import compat, metrics
 from lightning_timeprest.async_driver import (
     CALIBRATION_STEPS,
     AsyncDriver,
@@ -321,6 +321,8 @@ class PipelineStrategyMixin:
         module = self.lightning_module
         fitting = trainer.state.fn == "fit"
         self.config.check_trainer(trainer, module, fitting)
+        if fitting:
+            averaging.check_averaging(trainer)
         self._stage_stats.clear()
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see Stage.stage0_batch).
@@ -328,6 +330,7 @@ class PipelineStrategyMixin:
             compat.disable_distributed_sampler(trainer)
         metrics.silence_sync_dist_advice(one_pipeline=self.num_replicas == 1)
         self._place(module)
+        averaging.average_stages(trainer, module)  # (also in a validate after fit: the callback swaps then too)
         assert self._groups is not None
         self._metric_groups_before = metrics.set_process_groups(module, self._groups.metric)
         if fitting:
@@ -575,9 +578,11 @@ class PipelineStrategyMixin:
         if self._sigterm is not None:
             self._sigterm.finish(self._failed)
             self._sigterm = None
-        self._unplace(gather=not self._failed)
+        averaged = self._unplace(gather=not self._failed)
         metrics.restore_process_groups(self._metric_groups_before)
         self._metric_groups_before = {}
+        if averaged is not None and module is not None:  # (a copy of the module: after its metrics' groups are gone)
+            averaging.average_whole(module.trainer, module, averaged)
         if self._groups is not None:
             destroy_groups(self._groups)
             self._groups = None
@@ -589,19 +594,22 @@ class PipelineStrategyMixin:
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
 
-    def _unplace(self, gather: bool) -> None:
+    def _unplace(self, gather: bool) -> list[dict[str, Tensor]] | None:
         """Give the module back its own forward and layers; with ``gather``, every rank gets every stage's tensors
         (so that the whole trained model is there after ``fit``, on rank 0 for the launcher to return, and on the
-        others for a later ``validate``/``test``/``predict`` in the same processes)."""
+        others for a later ``validate``/``test``/``predict`` in the same processes), and the weight-averaging
+        callbacks' averages of every stage are returned (:func:`averaging.average_whole` takes them)."""
         module, placement, stage = self.lightning_module, self._placement, self._stage
         if module is None or placement is None or stage is None:
-            return
+            return None
         stage.runtime.weight_grads.uninstall()
         if self._async is not None:
             self._async.engine.weight_grads.uninstall()
         merged = ckpt.gather_every_stage(module, placement, stage) if gather and self.num_stages > 1 else {}
+        averaged = averaging.averaged_every_stage(module.trainer, placement, stage) if gather else None
         unplace(placement, module, merged)
         self._placement = self._stage = self._sync = self._async = None
+        return averaged
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 
@@ -643,6 +651,10 @@ class PipelineStrategyMixin:
         generated from are saved too, so that a resumed run continues in the same order."""
         if self.op_costs is not None and self.order_choice is not None:
             ckpt.save_order(checkpoint, self.op_costs)
+        if self._stage is not None and self.lightning_module is not None:
+            averaging.gather_averaged(
+                self.lightning_module.trainer, checkpoint, self._stage, self.config.sharded_checkpoint
+            )
         plugin, scaler, state = self.precision_plugin, self.precision_plugin.scaler, None
         if self._async is not None and self._stage is not None and scaler is not None and scaler.is_enabled():
             # the loss scale under the asynchronous policies is the last stage's (it scales every loss)
@@ -666,7 +678,9 @@ class PipelineStrategyMixin:
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self._placement is not None
-        ckpt.load_stage_state(self.lightning_module, checkpoint["state_dict"], self._placement.state_keys, strict)
+        module = self.lightning_module
+        ckpt.load_stage_state(module, checkpoint["state_dict"], self._placement.state_keys, strict)
+        averaging.stage_averaged_states(module.trainer, checkpoint, module)  # type: ignore[arg-type]
         saved = ckpt.saved_order(checkpoint)
         if saved is not None and self._async is not None:  # continue in the order of the run that wrote it
             self._async.restore_order(saved)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import run_script, wait_for_ranks_to_exit
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from models import ManualOptimization, StemNetHead, TwoOptimizers, loader
 from processes import GRACE_S
 
@@ -56,6 +57,11 @@ def _fit_one_process(model, batch_size: int = 18, schedule: str = "gpipe", **tra
     [
         (ManualOptimization, {}, r"manual optimization \(automatic_optimization = False\) is not supported"),
         (TwoOptimizers, {}, "configure_optimizers must return exactly one optimizer for a pipeline strategy"),
+        (
+            StemNetHead,
+            {"callbacks": [StochasticWeightAveraging(swa_lrs=0.01)]},
+            "StochasticWeightAveraging is not supported by pipeline strategies.*use WeightAveraging",
+        ),
     ],
 )
 def test_unsupported_setups_fail_at_start(model, trainer_kwargs, message):

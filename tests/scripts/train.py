@@ -16,7 +16,13 @@ import time
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
@@ -35,8 +41,11 @@ class Record(Callback):
         self.epochs: list[dict[str, float]] = []
         self.pipeline: list[dict[str, float]] = []
         self.trace: list | None = None
+        self.history: list[dict[str, torch.Tensor]] | None = None  # each step's parameters (with --ema)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.history is not None:  # (before the weight-averaging callback's update, which reads the same)
+            self.history.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if not p.is_meta})
         m = trainer.callback_metrics
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         nan = torch.tensor(float("nan"))
@@ -181,6 +190,7 @@ def main() -> None:
     p.add_argument("--ckpt-dir", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--predict", action="store_true")
+    p.add_argument("--validate-after", action="store_true", help="trainer.validate after fit (needs --val)")
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--model", default="StemNetHead")
     p.add_argument("--empty-init", action="store_true")
@@ -203,6 +213,7 @@ def main() -> None:
     p.add_argument("--lr-monitor", action="store_true")
     p.add_argument("--early-stop", type=int, default=-1, help="EarlyStopping on val_loss with this patience")
     p.add_argument("--best-ckpt", default=None, help="ModelCheckpoint(monitor='val_loss') into this directory")
+    p.add_argument("--ema", type=float, default=None, help="EMAWeightAveraging with this decay")
     p.add_argument("--clip", type=float, default=None, help="gradient_clip_val")
     p.add_argument("--clip-algorithm", default="norm")
     p.add_argument("--precision", default="32-true")
@@ -249,6 +260,9 @@ def main() -> None:
     if args.early_stop >= 0:
         # an improvement must be large to count, so it stops after patience + 1 validations
         callbacks.append(EarlyStopping(monitor="val_loss", patience=args.early_stop, min_delta=10.0))
+    if args.ema is not None:
+        record.history = []
+        callbacks.append(EMAWeightAveraging(decay=args.ema))
     if args.lr_monitor:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if args.rich:
@@ -352,6 +366,8 @@ def main() -> None:
         "best": (best.best_model_path, float(best.best_model_score)) if best is not None else None,
         "logged": {k: float(v) for k, v in trainer.logged_metrics.items()},
     }
+    if args.validate_after:
+        result["validate"] = trainer.validate(model, val, verbose=False)
     if args.predict:
         eval_batch = args.eval_batch_size or args.batch_size
         result["predictions"] = torch.cat(trainer.predict(model, make_loader(eval_batch)))
@@ -374,6 +390,7 @@ def main() -> None:
         record.placement["scale"] = float(scaler.get_scale()) if scaler is not None else None
         record.placement["skipped"] = getattr(record, "skipped", None)
         record.placement["deferred_layers"] = getattr(record, "deferred_layers", None)
+        record.placement["history"] = record.history
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
