@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from lightning_timeprest import compat
 from lightning_timeprest.errors import PipelineConfigError
 from lightning_timeprest.partition import BALANCE_MODES
 from lightning_timeprest.schedules import ASYNCHRONOUS_SCHEDULES, SCHEDULES, OpCosts, ScheduleError
@@ -67,6 +68,15 @@ class PipelineConfig:
             raise PipelineConfigError(
                 "manual optimization (automatic_optimization = False) is not supported by pipeline strategies: the "
                 "pipeline runs the forward and backward passes itself; use automatic optimization"
+            )
+        finder = compat.lightning_callbacks(trainer).LearningRateFinder
+        if fitting and self.is_asynchronous and any(isinstance(cb, finder) for cb in trainer.callbacks):
+            raise PipelineConfigError(
+                f"the learning-rate finder (Tuner.lr_find, LearningRateFinder) pairs each step's loss with that "
+                f"step's learning rate, but under {self.schedule!r} a mini-batch's loss is known a few steps after it "
+                "entered (NaN before the first one completes): the curve would be shifted and the suggestion missing "
+                f"or wrong. Find the learning rate with schedule='gpipe' (same model and stages), then train with "
+                f"{self.schedule!r}"
             )
         if fitting and self.is_asynchronous and trainer.accumulate_grad_batches != 1:
             raise PipelineConfigError(

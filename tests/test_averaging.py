@@ -160,5 +160,7 @@ def test_a_loaded_checkpoint_is_cut_to_the_stage_for_the_callback():
     stage_averaged_states(trainer, checkpoint, stage)
     stage.load_state_dict(checkpoint["current_model_state"])  # strict
     average = compat.average_model(ema)
-    average.load_state_dict({**{f"module.{k}": v for k, v in checkpoint["state_dict"].items()}, "n_averaged": torch.tensor(0)})
+    average.load_state_dict(
+        {**{f"module.{k}": v for k, v in checkpoint["state_dict"].items()}, "n_averaged": torch.tensor(0)}
+    )
     assert "acc.seen" in checkpoint["current_model_state"] and "acc.seen" not in checkpoint["state_dict"]

@@ -10,6 +10,7 @@ import torch
 from conftest import run_script, wait_for_ranks_to_exit
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.tuner import Tuner
 from models import ManualOptimization, StemNetHead, TwoOptimizers, loader
 from processes import GRACE_S
 
@@ -143,6 +144,16 @@ def test_sigterm_on_rank_0_stops_every_rank(tmp_path, schedule):
     latest = 4 + (3 if schedule == "gpipe" else 2 * 3 + 4 + 2 + 1)  # the signal's step + the lag + 1
     assert all(kind == "SIGTERMException" for kind, _ in stopped), stopped
     assert len({step for _, step in stopped}) == 1 and 4 <= int(stopped[0][1]) <= latest, stopped
+
+
+def test_asynchronous_policies_refuse_the_learning_rate_finder():
+    """Tuner.lr_find would read each step's loss a few steps late (NaN at first): no suggestion, silently."""
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=TiMePReStStrategy(schedule="timeprest_v", num_microbatches=2),
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    )  # fmt: skip
+    with pytest.raises(PipelineConfigError, match="Find the learning rate with schedule='gpipe'"):
+        Tuner(trainer).lr_find(StemNetHead(), loader(18), num_training=5)
 
 
 def test_asynchronous_policies_refuse_gradient_accumulation():
