@@ -66,6 +66,27 @@ __all__ = ["CALIBRATION_STEPS", "PipelineConfigError", "PipelineStrategyMixin", 
 CPU = torch.device("cpu")
 
 
+#: the name of the parameter that stands in while ``configure_optimizers`` runs on a stage that trains nothing
+STAND_IN = "_timeprest_stand_in"
+
+
+@contextmanager
+def _stand_in_parameter(module: Any) -> Iterator[Tensor | None]:
+    """While ``configure_optimizers`` runs on a stage that holds no trainable parameter (its layers frozen, or
+    none with parameters), a zero-size trainable parameter stands in, so that ``SGD(self.parameters())`` or a
+    ``requires_grad`` filter, which train on one device, do not fail on an empty list here. The caller takes it
+    out of the optimizer afterwards: the stage's groups are then empty, as the checkpoint's merge expects."""
+    if module is None or any(p.requires_grad for p in module.parameters()):
+        yield None
+        return
+    stand_in = torch.nn.Parameter(torch.zeros(0, device=module.device))
+    module.register_parameter(STAND_IN, stand_in)
+    try:
+        yield stand_in
+    finally:
+        compat.parameter_table(module).pop(STAND_IN)
+
+
 class PipelineStrategyMixin:
     """The strategy's behaviour, on top of a ``DDPStrategy`` of either ``lightning`` or ``pytorch_lightning``.
 
@@ -397,7 +418,8 @@ class PipelineStrategyMixin:
     @override
     def setup_optimizers(self, trainer: Any) -> None:
         try:
-            super().setup_optimizers(trainer)
+            with _stand_in_parameter(self.lightning_module) as stand_in:
+                super().setup_optimizers(trainer)
         except RuntimeError as err:
             # Lightning's own advice here (manual optimization) does not apply to a pipeline
             if "multiple optimizers" not in str(err):
@@ -408,6 +430,11 @@ class PipelineStrategyMixin:
                 "configure_optimizers must return exactly one optimizer for a pipeline strategy (with as many "
                 "parameter groups as you like); several optimizers or none are not supported"
             )
+        if stand_in is not None:
+            optimizer = self.optimizers[0]
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if p is not stand_in]
+            optimizer.state.pop(stand_in, None)
 
     def _start_async(self, module: Any) -> None:
         placement = self._placement

@@ -191,6 +191,19 @@ class BatchNormNet(StemNetHead):
         )
 
 
+class FrozenFirstStage(StemNetHead):
+    """Fine-tuning: the stem, the head and the first half of ``net`` are frozen, and ``configure_optimizers`` gives
+    the optimizer only what trains, so that stage 0 of two has nothing to train."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        for frozen in (self.stem, self.net[0], self.net[2], self.head):
+            frozen.requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, momentum=0.9)
+
+
 class Gate(nn.Module):
     """A block of two inputs: what the pipeline must carry across a boundary is more than one tensor."""
 

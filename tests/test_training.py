@@ -82,6 +82,23 @@ def test_a_batch_smaller_than_n_matches_single_device(tmp_path, reference, sched
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "timeprest_v", "timeprest_i"])
+def test_a_stage_that_trains_nothing_matches_single_device(tmp_path, reference, schedule):
+    """Stage 0's layers frozen and left out of the optimizer: its configure_optimizers gets no parameter to give
+    (SGD of an empty list fails in torch). Only the last stage trains, so every schedule equals one device."""
+    args = ("--model", "FrozenFirstStage", "--epochs", "2", "--n", "2")
+    ref = reference(*args)
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", schedule)
+    assert_same_params(ref["state_dict"], got["state_dict"])
+    initial = {}
+    for rank in range(2):
+        initial.update(torch.load(tmp_path / f"pp.pt.rank{rank}", weights_only=False)["initial"])
+    for name, value in got["state_dict"].items():  # the frozen layers as they were built, the others trained
+        frozen = name.split(".")[0] in ("stem", "head") or name.startswith(("net.0.", "net.2."))
+        assert torch.equal(value, initial[name]) == frozen, name
+
+
+@pytest.mark.slow
 def test_stage_placement(tmp_path):
     """Each rank holds only its stage's layers plus the replicated stem and head; the optimizer sees only those."""
     out = tmp_path / "pp.pt"
