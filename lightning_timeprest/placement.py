@@ -387,7 +387,7 @@ def _keep_own(
             if layer_name not in local:
                 _release(layer, keep=keep)
         children = compat.submodule_table(cut.target)
-        runner = StageModule(cut.name, [(n, children[n]) for n in local])
+        runner = StageModule(cut.name, [(n, children[n]) for n in local], list(children))
         _install(module, cut.name, runner)
         sequential = cut.target
     with _ties_kept(module):

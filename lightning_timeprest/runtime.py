@@ -18,6 +18,7 @@ for one mini-batch, doing the forward and backward ops and their transfers.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,14 +82,33 @@ class StageModule(StageRunner):
     """Stands in for the pipelined ``nn.Sequential`` on one rank.
 
     Holds this stage's layers under their original child names, so parameter names (``layers.3.weight``) and
-    state-dict keys stay those of the original model.
+    state-dict keys stay those of the original model. Indexed, sliced, iterated or measured with ``len`` it is the
+    original ``nn.Sequential`` (``names``: all its children), with an empty module for each layer another stage
+    holds: code such as ``{"params": self.layers[-1].parameters(), "lr": ...}`` in ``configure_optimizers`` gets
+    what the stage holds of that layer, as the parameters of the original model it sees are this stage's.
     """
 
-    def __init__(self, module_name: str, layers: Sequence[tuple[str, nn.Module]]) -> None:
+    def __init__(self, module_name: str, layers: Sequence[tuple[str, nn.Module]], names: Sequence[str]) -> None:
         super().__init__()
         for name, layer in layers:
             self.add_module(name, layer)
         self.module_name = module_name
+        self._names = list(names)
+
+    def _layer(self, name: str) -> nn.Module:
+        held = self._modules.get(name)
+        return held if held is not None else _Elsewhere(f"{self.module_name}.{name}")
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return (self._layer(n) for n in self._names)
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict((n, self._layer(n)) for n in self._names[index]))
+        return self._layer(self._names[index])
 
     def entry(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if len(args) != 1 or kwargs:
@@ -102,6 +122,17 @@ class StageModule(StageRunner):
         for layer in self.children():
             x = layer(x)
         return x
+
+
+class _Elsewhere(nn.Module):
+    """A layer of the pipelined ``nn.Sequential`` that another stage holds, as this stage sees it: nothing."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.name} runs on another stage of the pipeline; call the model through the Trainer")
 
 
 def through_stage(

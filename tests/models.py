@@ -204,6 +204,20 @@ class FrozenFirstStage(StemNetHead):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, momentum=0.9)
 
 
+class LayerwiseRates(StemNetHead):
+    """Layer-wise learning-rate decay, made by indexing the pipelined ``nn.Sequential`` in ``configure_optimizers``
+    (each layer's rate halves with its distance from the head), as fine-tuning recipes do."""
+
+    def configure_optimizers(self):
+        lr, depth = self.hparams.lr, len(self.net)
+        groups = [
+            {"params": layer.parameters(), "lr": lr * 0.5 ** (depth - 1 - i)} for i, layer in enumerate(self.net[:-1])
+        ]
+        groups.append({"params": self.net[-1].parameters(), "weight_decay": 0.01})
+        groups.append({"params": [*self.stem.parameters(), *self.head.parameters()], "lr": lr * 0.5**depth})
+        return torch.optim.SGD(groups, lr=lr)
+
+
 class Gate(nn.Module):
     """A block of two inputs: what the pipeline must carry across a boundary is more than one tensor."""
 

@@ -2,6 +2,7 @@ import itertools
 from collections.abc import Sequence
 
 import pytest
+import torch
 from torch import nn
 
 from lightning_timeprest.partition import (
@@ -12,6 +13,7 @@ from lightning_timeprest.partition import (
     plan_sequential,
     plan_stages,
 )
+from lightning_timeprest.runtime import StageModule
 
 
 def test_balance_by_cost_is_optimal_and_contiguous():
@@ -102,3 +104,17 @@ def test_plan_stages():
     assert plan_stages("big", ["0", "1", "2"], 2, "memory", costs).balance == (2, 1)
     with pytest.raises(PartitionError, match="needs a profile of each block"):
         plan_stages("big", ["0", "1", "2"], 2, "time", BlockCosts([1, 1, 1]))
+
+
+def test_a_stage_module_indexes_as_the_original_sequential():
+    """Indexed, sliced, iterated: the original layer positions, with nothing for another stage's layers."""
+    seq = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2))
+    stage = StageModule("layers", [("2", seq[2]), ("3", seq[3])], [str(i) for i in range(5)])  # stage 1 of 2
+    assert len(stage) == 5
+    assert stage[2] is seq[2] and stage[-2] is seq[3]
+    assert [list(layer.parameters()) for layer in stage] == [[], [], list(seq[2].parameters()), [], []]
+    assert [n for n, _ in stage[1:4].named_parameters()] == ["2.weight", "2.bias"]  # a slice keeps the names
+    assert list(stage[-1].parameters()) == []
+    with pytest.raises(RuntimeError, match="layers.4 runs on another stage"):
+        stage[4](torch.zeros(1, 2))
+    assert [n for n, _ in stage.named_parameters()] == ["2.weight", "2.bias"]  # what the stage holds, unchanged

@@ -99,6 +99,17 @@ def test_a_stage_that_trains_nothing_matches_single_device(tmp_path, reference, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_configure_optimizers_may_index_the_pipelined_sequential(tmp_path, reference, schedule):
+    """Layer-wise rates from ``self.net[i]``, ``enumerate(self.net[:-1])``, ``len(self.net)``: on each stage the
+    layers another stage holds give no parameters, so every stage's groups together are one device's."""
+    args = ("--model", "LayerwiseRates", "--epochs", "2", "--n", "2")
+    ref = reference(*args)
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", schedule)
+    assert_same_params(ref["state_dict"], got["state_dict"])
+
+
+@pytest.mark.slow
 def test_stage_placement(tmp_path):
     """Each rank holds only its stage's layers plus the replicated stem and head; the optimizer sees only those."""
     out = tmp_path / "pp.pt"
