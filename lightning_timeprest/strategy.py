@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_timeprest import averaging, compat, metrics
+from lightning_timeprest import averaging, collected, compat, metrics
 from lightning_timeprest import checkpoint as ckpt
 from lightning_timeprest.async_driver import (
     CALIBRATION_STEPS,
@@ -198,6 +198,7 @@ class PipelineStrategyMixin:
         self._sync: SyncDriver | None = None
         self._async: AsyncDriver | None = None
         self._sigterm: SigtermAgreement | None = None
+        self._collecting: list[str] = []  # the epoch-end hooks wrapped by lightning_timeprest.collected
         self._stage_stats = StageStatistics()
         self._metric_groups_before: dict[Metric, Any] = {}
         self._final_optimizer_states: dict[int, dict[str, Any]] = {}
@@ -351,6 +352,8 @@ class PipelineStrategyMixin:
             compat.disable_distributed_sampler(trainer)
         metrics.silence_sync_dist_advice(one_pipeline=self.num_replicas == 1)
         self._place(module)
+        assert self._stage is not None
+        self._collecting = collected.install(module, self._stage)
         averaging.average_stages(trainer, module)  # (also in a validate after fit: the callback swaps then too)
         assert self._groups is not None
         self._metric_groups_before = metrics.set_process_groups(module, self._groups.metric)
@@ -605,6 +608,9 @@ class PipelineStrategyMixin:
         if self._sigterm is not None:
             self._sigterm.finish(self._failed)
             self._sigterm = None
+        if module is not None:
+            collected.uninstall(module, self._collecting)
+        self._collecting = []
         averaged = self._unplace(gather=not self._failed)
         metrics.restore_process_groups(self._metric_groups_before)
         self._metric_groups_before = {}

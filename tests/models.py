@@ -204,6 +204,38 @@ class FrozenFirstStage(StemNetHead):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, momentum=0.9)
 
 
+class CollectsOutputs(StemNetHead):
+    """Aggregates over the epoch the way Lightning's docs show without a Metric: steps append to lists, the
+    epoch-end hooks reduce and log them and clear the lists."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.validation_step_outputs: list[torch.Tensor] = []
+        self.training_step_outputs: list[tuple[torch.Tensor, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.training_step_outputs.append((loss.detach() * len(batch[0]), len(batch[0])))
+        return loss
+
+    def on_train_epoch_end(self):
+        total = sum(n for _, n in self.training_step_outputs)
+        self.log("train_loss_collected", torch.stack([s for s, _ in self.training_step_outputs]).sum() / total)
+        self.training_step_outputs.clear()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc)
+        self.validation_step_outputs.append(logits.argmax(dim=1) == y)
+
+    def on_validation_epoch_end(self):
+        self.log("val_acc_collected", torch.cat(self.validation_step_outputs).float().mean())
+        self.validation_step_outputs.clear()
+
+
 class LayerwiseRates(StemNetHead):
     """Layer-wise learning-rate decay, made by indexing the pipelined ``nn.Sequential`` in ``configure_optimizers``
     (each layer's rate halves with its distance from the head), as fine-tuning recipes do."""

@@ -110,6 +110,27 @@ def test_configure_optimizers_may_index_the_pipelined_sequential(tmp_path, refer
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_v"])
+def test_values_collected_in_steps_reach_the_epoch_end_hooks(tmp_path, reference, schedule):
+    """Lists filled in the steps (on the last stage, after the pipelined call) and reduced in the epoch-end hooks
+    (on every rank): each reduces what the steps collected, as the Metric and the logged loss of the same run do,
+    and under gpipe as on one device."""
+    args = ("--model", "CollectsOutputs", "--epochs", "2", "--n", "2", "--val")
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", schedule)
+
+    def collected(run):  # per epoch (the module's on_train_epoch_end logs after the recording callback's)
+        train_loss = [e["train_loss_collected"] for e in run["epochs"][1:]] + [run["logged"]["train_loss_collected"]]
+        return [e["val_acc_collected"] for e in run["epochs"]], train_loss
+
+    val_acc, train_loss = collected(got)
+    assert val_acc == pytest.approx([e["val_acc"] for e in got["epochs"]], abs=1e-6)
+    assert train_loss == pytest.approx([e["train_loss_epoch"] for e in got["epochs"]], rel=1e-5)
+    if schedule == "gpipe":
+        ref_acc, ref_loss = collected(reference(*args))
+        assert val_acc == pytest.approx(ref_acc, abs=1e-6) and train_loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+@pytest.mark.slow
 def test_stage_placement(tmp_path):
     """Each rank holds only its stage's layers plus the replicated stem and head; the optimizer sees only those."""
     out = tmp_path / "pp.pt"

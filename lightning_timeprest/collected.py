@@ -1,0 +1,112 @@
+"""What your steps collect, on every rank before the epoch-end hooks.
+
+Lightning's way to aggregate over an epoch without a torchmetrics ``Metric`` is to collect in a step and reduce in
+the epoch-end hook::
+
+    def validation_step(self, batch, batch_idx):
+        self.validation_step_outputs.append(self(batch[0]).argmax(1) == batch[1])
+
+    def on_validation_epoch_end(self):
+        self.log("val_acc", torch.cat(self.validation_step_outputs).float().mean())
+        self.validation_step_outputs.clear()
+
+On a pipeline the code of a step after the pipelined call runs on the last stage only (it needs the pipeline's
+output), so only the last stage's list fills, and the hook, which Lightning calls on every rank, met an empty list
+elsewhere. Before each epoch-end hook the LightningModule defines (``on_train_epoch_end``,
+``on_validation_epoch_end``, ``on_test_epoch_end``, ``on_predict_epoch_end``), the lists and dicts it holds as
+attributes are made the last stage's on every rank of the pipeline (tensors onto each rank's device), so the hook
+runs everywhere, as on one device, on what the steps collected. A step runs once per micro-batch, so a list
+collects one entry per micro-batch.
+
+Only plain data travels: a list or dict holding anything else (a module, a function) is left as each rank has
+it, since a copy would not be the object the list refers to.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_timeprest.stage import Stage
+
+__all__ = ["EPOCH_END_HOOKS", "give_collected", "install", "uninstall"]
+
+EPOCH_END_HOOKS = ("on_train_epoch_end", "on_validation_epoch_end", "on_test_epoch_end", "on_predict_epoch_end")
+
+_DATA = (Tensor, int, float, bool, str, bytes, type(None))
+
+
+def _is_data(value: Any) -> bool:
+    if isinstance(value, _DATA):
+        return not isinstance(value, torch.nn.Parameter)
+    if isinstance(value, (list, tuple)):
+        return all(_is_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, _DATA) and _is_data(v) for k, v in value.items())
+    return False
+
+
+def _collectors(module: Any, baseline: set[str]) -> dict[str, Any]:
+    """The module's own list and dict attributes that hold plain data (not Lightning's or torch's)."""
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if name not in baseline and isinstance(value, (list, dict)) and _is_data(value)
+    }
+
+
+def _baseline(module: Any) -> set[str]:
+    """The attributes every LightningModule has (``vars`` of a bare one of the module's own Lightning package)."""
+    base = next(c for c in type(module).__mro__ if c.__name__ == "LightningModule")
+    return set(vars(base()))
+
+
+def give_collected(module: Any, stage: Stage, baseline: set[str]) -> None:
+    """Make the module's collected lists and dicts the last stage's on every rank of the pipeline (a collective)."""
+    is_last = stage.index == stage.last_stage
+    payload = move_data_to_device(_collectors(module, baseline), "cpu") if is_last else None
+    received = stage.comm.broadcast_object(payload, stage.last_stage)
+    if is_last:
+        return
+    for name, value in move_data_to_device(received, stage.device).items():
+        current = vars(module).get(name)
+        if isinstance(current, list) and isinstance(value, list):
+            current[:] = value  # in place: the user may hold the list elsewhere too
+        elif isinstance(current, dict) and isinstance(value, dict) and _is_data(current):
+            current.clear()
+            current.update(value)
+        else:
+            setattr(module, name, value)
+
+
+def install(module: Any, stage: Stage) -> list[str]:
+    """Have each epoch-end hook the module defines first take the last stage's collected values (see the module's
+    docstring); nothing for a one-stage pipeline or a module that defines none. Returns the hooks wrapped."""
+    if stage.num_stages == 1:
+        return []
+    base = next(c for c in type(module).__mro__ if c.__name__ == "LightningModule")
+    hooks = [h for h in EPOCH_END_HOOKS if h not in vars(module) and getattr(type(module), h) is not getattr(base, h)]
+    baseline = _baseline(module) if hooks else set()
+    for hook in hooks:
+        setattr(module, hook, _with_collected(getattr(module, hook), module, stage, baseline))
+    return hooks
+
+
+def uninstall(module: Any, hooks: list[str]) -> None:
+    for hook in hooks:
+        vars(module).pop(hook, None)
+
+
+def _with_collected(hook: Callable[..., Any], module: Any, stage: Stage, baseline: set[str]) -> Callable[..., Any]:
+    @functools.wraps(hook)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        give_collected(module, stage, baseline)
+        return hook(*args, **kwargs)
+
+    return run
