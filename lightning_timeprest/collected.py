@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -70,7 +71,10 @@ def _baseline(module: Any) -> set[str]:
 def give_collected(module: Any, stage: Stage, baseline: set[str]) -> None:
     """Make the module's collected lists and dicts the last stage's on every rank of the pipeline (a collective)."""
     is_last = stage.index == stage.last_stage
-    payload = move_data_to_device(_collectors(module, baseline), "cpu") if is_last else None
+    # (detached: a tensor still in a graph does not travel, and the other ranks have no graph for it)
+    payload = (
+        apply_to_collection(_collectors(module, baseline), Tensor, lambda t: t.detach().cpu()) if is_last else None
+    )
     received = stage.comm.broadcast_object(payload, stage.last_stage)
     if is_last:
         return

@@ -41,7 +41,7 @@ def _stage(index: int, sent: list) -> SimpleNamespace:
 def test_the_epoch_end_hooks_a_module_defines_take_the_last_stage_collected_values():
     sent: list = []
     last, first = Collecting(), Collecting()
-    last.outputs += [torch.tensor([1.0]), torch.tensor([2.0, 3.0])]
+    last.outputs += [torch.tensor([1.0]), torch.tensor([2.0, 3.0], requires_grad=True) * 1]  # one still in a graph
     last.counts["batches"] = 2
     first_outputs = first.outputs
     wrapped = {rank: collected.install(m, _stage(rank, sent)) for rank, m in ((1, last), (0, first))}
@@ -50,6 +50,7 @@ def test_the_epoch_end_hooks_a_module_defines_take_the_last_stage_collected_valu
     first.on_validation_epoch_end()
     assert first.epochs_seen == last.epochs_seen == 1  # the user's hook ran on both
     assert first.outputs is first_outputs and torch.equal(torch.cat(first.outputs), torch.tensor([1.0, 2.0, 3.0]))
+    assert not first.outputs[1].requires_grad
     assert first.counts == {"batches": 2}
     assert first.frozen[0] is first.layer  # not data: left as it was
     assert set(sent[0]) == {"outputs", "counts"}  # nothing of Lightning's own, no module references
