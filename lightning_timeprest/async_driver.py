@@ -30,11 +30,11 @@ from lightning_timeprest import averaging, metrics
 from lightning_timeprest.async_runtime import AsyncRuntime
 from lightning_timeprest.config import PipelineConfig
 from lightning_timeprest.costs import OpClock, agreed_costs
-from lightning_timeprest.errors import PipelineConfigError
+from lightning_timeprest.errors import PipelineConfigError, peer_lost
 from lightning_timeprest.metrics import LoggedValue
 from lightning_timeprest.microbatch import split_at_most
 from lightning_timeprest.schedules import OpCosts, OrderChoice, choose_order, version_difference
-from lightning_timeprest.stage import Stage, loss_of, weighted_loss
+from lightning_timeprest.stage import Stage, loss_of, step_extras, weighted_loss, with_extras
 from lightning_timeprest.stage_stats import cuda_peak_bytes, last_step_of_epoch
 from lightning_timeprest.versions import POLICIES
 
@@ -193,6 +193,7 @@ class AsyncDriver:
         self._payloads: dict[int, Any] = {}  # last stage: what each finished mini-batch logged, for every stage
         self._queued: list[Callable[[], None]] = []  # logging owed by drains that ran outside a training step
         self.last_loss = float("nan")
+        self.last_extras: dict[str, Any] | None = None  # what that mini-batch's training_step returned besides
         self._clock = time.perf_counter()
         store_index = {id(p): i for i, p in enumerate(self.engine.store.params)}
         self._replicated_index = [store_index.get(id(p)) if p is not None else None for p in stage.replicated_local]
@@ -204,7 +205,7 @@ class AsyncDriver:
 
     # -- the step -------------------------------------------------------------------------------------------
 
-    def train_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    def train_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | dict[str, Any]:
         """Take one mini-batch in and run this stage's ops of the step; return the loss of the newest mini-batch
         completed on every stage (it lags by a few steps; NaN before the first one completes)."""
         module, stage, engine = self.module, self.stage, self.engine
@@ -232,8 +233,9 @@ class AsyncDriver:
             engine.run_step(call_user if runtime.runs_user_code else None, sizes, weights, until)
         if runtime.is_last:
             logged = metrics.reduce_logged(module, capture.calls[-len(sizes) :], sizes)
-            loss = weighted_loss(engine.finished.pop(k), sizes)
-            payload = (loss, logged, metrics.metric_states(module, logged), self._record())
+            outputs = engine.finished.pop(k)
+            loss, extras = weighted_loss(outputs, sizes), step_extras(outputs, sizes)
+            payload = (loss, extras, logged, metrics.metric_states(module, logged), self._record())
             self._payloads[k] = payload
             for s in range(stage.num_stages - 1):
                 stage.comm.isend_object(payload, s)
@@ -252,7 +254,9 @@ class AsyncDriver:
         for hook_logs in stage.stats.take_hook_logs():  # stage 0 gathers every stage's
             metrics.replay(module, hook_logs, {})
         stage.stats.emit(module, final, stage.global_rank == 0, stage.share)
-        return torch.tensor(self.last_loss, dtype=torch.float32, device=stage.device)
+        return with_extras(
+            torch.tensor(self.last_loss, dtype=torch.float32, device=stage.device), self.last_extras, stage.device
+        )
 
     def _record(self) -> Record:
         """This stage's record since the last one, and what the user's gradient hooks logged in its updates."""
@@ -279,8 +283,8 @@ class AsyncDriver:
         stage, runtime = self.stage, self.stage.runtime
         for m in self.ledger.results_due(completed):
             payload = self._payloads.pop(m) if runtime.is_last else stage.comm.recv_object_from(stage.last_stage)
-            loss, logged, states, last_record = payload
-            self.last_loss = loss
+            loss, extras, logged, states, last_record = payload
+            self.last_loss, self.last_extras = loss, extras
             self._replay(logged, states, in_step)
             if runtime.is_first and not runtime.is_last:
                 stage.stats.add(stage.last_stage, *last_record)
@@ -375,7 +379,8 @@ class AsyncDriver:
         medians = engine.clock.medians()
         if medians is not None:
             rows[stage.index] = torch.tensor([*medians, len(engine.clock.backward)], dtype=torch.float64)
-        dist.all_reduce(rows, group=stage.groups.world)
+        with peer_lost(stage.where, "agreeing on the measured op costs"):
+            dist.all_reduce(rows, group=stage.groups.world)
         if bool((rows[:, 3] < 2 * stage.num_replicas).any()):  # a stage ran too few backwards to tell: keep it
             return
         costs = agreed_costs(rows[:, :3], stage.num_replicas)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_timeprest.compat import pytree
-from lightning_timeprest.errors import PipelineCommError
+from lightning_timeprest.errors import PipelineCommError, peer_lost
 
 __all__ = ["PipelineCommError", "PipelineGroups", "StageComm", "destroy_pipeline_groups", "new_pipeline_groups"]
 
@@ -513,15 +513,8 @@ class StageComm:
 
     # -- control plane: small Python objects and replicated tensors over the gloo control group -------------
 
-    @contextmanager
-    def _control(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except RuntimeError as err:
-            raise PipelineCommError(
-                f"stage {self.stage} (rank {dist.get_rank()}) failed while {what}; another stage of the pipeline "
-                f"crashed, was killed or stopped answering: {err}"
-            ) from err
+    def _control(self, what: str) -> AbstractContextManager[None]:
+        return peer_lost(f"stage {self.stage} (rank {dist.get_rank()})", what)
 
     def broadcast_object(self, obj: Any, src_stage: int) -> Any:
         box = [obj if self.stage == src_stage else None]

@@ -7,6 +7,9 @@ code written against those keeps working.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 __all__ = [
     "CheckpointError",
     "MicroBatchError",
@@ -15,6 +18,7 @@ __all__ = [
     "PipelineConfigError",
     "ScheduleError",
     "TiMePReStError",
+    "peer_lost",
 ]
 
 
@@ -40,6 +44,21 @@ class ScheduleError(TiMePReStError, ValueError):
 
 class PipelineCommError(TiMePReStError, RuntimeError):
     """A transfer between stages failed or timed out (usually: a peer rank died or is stuck)."""
+
+
+@contextmanager
+def peer_lost(where: str, what: str) -> Iterator[None]:
+    """Turn the ``RuntimeError`` a collective or transfer raises when a peer is gone (gloo: "Connection closed by
+    peer"; a timeout) into a :class:`PipelineCommError` that says who was doing what."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, TiMePReStError):
+            raise
+        raise PipelineCommError(
+            f"{where} failed while {what}; another stage of the pipeline crashed, was killed or stopped answering: "
+            f"{err}"
+        ) from err
 
 
 class CheckpointError(TiMePReStError, RuntimeError):

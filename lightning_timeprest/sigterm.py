@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from lightning_timeprest import compat
+from lightning_timeprest.errors import peer_lost
 
 __all__ = ["SigtermAgreement"]
 
@@ -39,12 +40,13 @@ class SigtermAgreement:
         lag: how many steps rank 0 may run ahead of the others: reading the flags that many steps late never blocks.
         timeout: how long to wait for a flag that is due.
         barrier_group: a group to meet on before raising (every rank stops at the same step).
+        where: this rank's name in an error (its stage and rank).
     """
 
     def __init__(
-        self, group: Any, rank: int, world_size: int, lag: int, timeout: timedelta, barrier_group: Any
+        self, group: Any, rank: int, world_size: int, lag: int, timeout: timedelta, barrier_group: Any, where: str
     ) -> None:
-        self.group, self.rank, self.world_size, self.lag = group, rank, world_size, lag
+        self.group, self.rank, self.world_size, self.lag, self.where = group, rank, world_size, lag, where
         self.timeout, self.barrier_group = timeout, barrier_group
         self.noted = False  # this rank got SIGTERM (rank 0: or heard of one from another rank)
         self._posts: deque[tuple[list[Any], Tensor, list[Tensor]]] = deque()
@@ -81,8 +83,9 @@ class SigtermAgreement:
         self._posts.append((works, flag, heard))
         while len(self._posts) > self.lag:
             posted, value, others = self._posts.popleft()
-            for work in posted:
-                work.wait(timeout=self.timeout)
+            with peer_lost(self.where, "exchanging the SIGTERM flags of a step"):
+                for work in posted:
+                    work.wait(timeout=self.timeout)
             if any(h.item() for h in others):
                 self.noted = True  # another rank got SIGTERM: rank 0 passes it on from the next step
             if value.item():

@@ -12,16 +12,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_timeprest.checkpoint import canonical_param_names
+from lightning_timeprest.errors import peer_lost
 from lightning_timeprest.groups import ProcessGroups
+from lightning_timeprest.microbatch import join
 from lightning_timeprest.placement import Placement
 from lightning_timeprest.precision import PipelineLink, PipelinePrecision
 from lightning_timeprest.runtime import PipelineRuntime
 from lightning_timeprest.stage_stats import StageStatistics
 
-__all__ = ["Stage", "loss_of", "weighted_loss"]
+__all__ = ["Stage", "loss_of", "step_extras", "weighted_loss", "with_extras"]
 
 
 def loss_of(output: Any) -> Tensor:
@@ -43,6 +46,31 @@ def weighted_loss(outputs: Sequence[Any], sizes: Sequence[int]) -> float:
     it pickles and unpickles much faster than a tensor."""
     losses = torch.stack([loss_of(o).detach().double().cpu() for o in outputs])
     return float(((losses * torch.tensor(sizes, dtype=torch.float64)).sum() / sum(sizes)).float())
+
+
+def step_extras(outputs: Sequence[Any], sizes: Sequence[int]) -> dict[str, Any] | None:
+    """What a ``training_step`` returned besides the loss (a dict's other keys), joined over a mini-batch's
+    micro-batches as Lightning's ``on_train_batch_end`` would get it for the whole batch: a number or 0-dim tensor
+    per micro-batch becomes their mean weighted by micro-batch size (as the loss), tensors with a batch dimension
+    are concatenated (:func:`join`). Detached, on the CPU, to travel to every rank. ``None`` when there is none."""
+    if not isinstance(outputs[0], Mapping) or set(outputs[0]) <= {"loss"}:
+        return None
+    weights = [size / sum(sizes) for size in sizes]
+    extras: dict[str, Any] = {}
+    for key in outputs[0]:
+        if key == "loss":
+            continue
+        values = [apply_to_collection(o[key], Tensor, lambda t: t.detach().cpu()) for o in outputs]
+        scalar = all(
+            (isinstance(v, Tensor) and v.dim() == 0 and v.is_floating_point()) or type(v) is float for v in values
+        )
+        extras[key] = sum(w * v for w, v in zip(weights, values, strict=True)) if scalar else join(values)
+    return extras
+
+
+def with_extras(loss: Tensor, extras: dict[str, Any] | None, device: torch.device) -> Tensor | dict[str, Any]:
+    """What the strategy's ``training_step`` returns to Lightning: the loss, with the step's extras if any."""
+    return loss if extras is None else {"loss": loss, **move_data_to_device(extras, device)}
 
 
 @dataclass
@@ -105,10 +133,16 @@ class Stage:
     def comm(self) -> Any:
         return self.runtime.comm
 
+    @property
+    def where(self) -> str:
+        """This rank's name in an error."""
+        return f"stage {self.index} (rank {self.global_rank})"
+
     def share_from_rank_zero(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a broadcast over all ranks)."""
         shared = [value]
-        dist.broadcast_object_list(shared, src=0, group=self.groups.world)
+        with peer_lost(self.where, "receiving the pipeline's logged values from rank 0"):
+            dist.broadcast_object_list(shared, src=0, group=self.groups.world)
         return shared[0]
 
     @property
@@ -136,7 +170,8 @@ class Stage:
         if group is None or not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
+        with peer_lost(self.where, "averaging gradients with the other replicas"):
+            dist.all_reduce(flat, group=group)
         flat /= self.num_replicas
         offset = 0
         for g in grads:
@@ -178,7 +213,8 @@ class Stage:
 
         def all_reduce(tensor: Tensor, op: str) -> None:
             reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-            dist.all_reduce(tensor, op=reduce_op, group=self.groups.pipeline.control)
+            with peer_lost(self.where, "agreeing with the other stages on the gradients (overflow or norm)"):
+                dist.all_reduce(tensor, op=reduce_op, group=self.groups.pipeline.control)
 
         return PipelineLink(
             stage=self.index,

@@ -469,7 +469,10 @@ class PipelineStrategyMixin:
         # on every rank before the next one starts
         lag = 2 * self.num_stages + 4 + (self.config.max_inflight or 0) if self.is_asynchronous else 2
         groups, timeout = self._groups, self.config.p2p_timeout
-        self._sigterm = SigtermAgreement(groups.sigterm, self.global_rank, self.world_size, lag, timeout, groups.world)
+        where = f"stage {self.stage} (rank {self.global_rank})"
+        self._sigterm = SigtermAgreement(
+            groups.sigterm, self.global_rank, self.world_size, lag, timeout, groups.world, where
+        )
         self._sigterm.install(trainer, self.launcher.kill if self.launcher is not None else None)
 
     # -- what the strategy can tell ------------------------------------------------------------------------
@@ -529,8 +532,9 @@ class PipelineStrategyMixin:
     # -- steps ----------------------------------------------------------------------------------------------
 
     @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Run one mini-batch forward and backward through the pipeline; return its loss on every rank.
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor | dict[str, Any]:
+        """Run one mini-batch forward and backward through the pipeline; return its loss on every rank (with what
+        else your ``training_step`` returned in a dict, joined over the micro-batches: see ``stage.step_extras``).
 
         Asynchronous policies return the loss of the most recent mini-batch that completed on every stage (it
         lags the mini-batch just taken in by a few steps; NaN before the first one completes).

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_timeprest import metrics
 from lightning_timeprest.microbatch import join, split_at_most
 from lightning_timeprest.schedules import Schedule, build_schedule
-from lightning_timeprest.stage import Stage, loss_of, weighted_loss
+from lightning_timeprest.stage import Stage, loss_of, step_extras, weighted_loss, with_extras
 from lightning_timeprest.stage_stats import StepStats, cuda_peak_bytes, last_step_of_epoch
 
 __all__ = ["SyncDriver"]
@@ -44,19 +44,21 @@ class SyncDriver:
             self._schedules[key] = build_schedule(name, self.stage.num_stages, num_microbatches)
         return self._schedules[key]
 
-    def train_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """One mini-batch forward and backward through the pipeline; its loss on every rank. The gradients are set
-        aside for :meth:`install_gradients` (Lightning zeroes ``.grad`` in between)."""
+    def train_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | dict[str, Any]:
+        """One mini-batch forward and backward through the pipeline; its loss on every rank (and the step's extras).
+        The gradients are set aside for :meth:`install_gradients` (Lightning zeroes ``.grad`` in between)."""
         params = list(module.parameters())
         earlier = [p.grad for p in params]
         for p in params:
             p.grad = None
         context = self.stage.precision.train_step_context
-        loss = self.step(module, "training_step", context, args, kwargs, train=True)
+        out = self.step(module, "training_step", context, args, kwargs, train=True)
         self._new_grads = {p: p.grad for p in params}
         for p, g in zip(params, earlier, strict=True):
             p.grad = g
-        return loss.to(self.stage.device)
+        if isinstance(out, dict):
+            return {**out, "loss": out["loss"].to(self.stage.device)}
+        return out.to(self.stage.device)
 
     def install_gradients(self) -> None:
         """Put the gradients of the last training step on the parameters, summed over the stages for replicated
@@ -157,23 +159,24 @@ class SyncDriver:
         record = self._record(module, start, runtime.comm.wait_seconds - waited, total) if train else None
         payload = None
         if runtime.is_last:
+            extras = None
             if train:
-                value = weighted_loss(result.outputs, sizes)
+                value, extras = weighted_loss(result.outputs, sizes), step_extras(result.outputs, sizes)
             else:
                 value = move_data_to_device(join(result.outputs), "cpu") if hook == "predict_step" else None
             logged = metrics.reduce_logged(module, capture.calls, sizes)
-            payload = (value, logged, metrics.metric_states(module, logged))
+            payload = (value, extras, logged, metrics.metric_states(module, logged))
         if record is None:
-            value, logged, states = runtime.comm.broadcast_object(payload, stage.last_stage)
+            value, extras, logged, states = runtime.comm.broadcast_object(payload, stage.last_stage)
         else:  # one exchange carries the last stage's results to every stage and every stage's record to stage 0
             gathered = runtime.comm.all_gather_objects((payload, record))
-            value, logged, states = gathered[stage.last_stage][0]
+            value, extras, logged, states = gathered[stage.last_stage][0]
             if runtime.is_first:
                 for s, (_, stage_record) in enumerate(gathered):
                     stage.stats.add(s, stage_record)
             stage.stats.emit(module, last_step_of_epoch(module.trainer), stage.global_rank == 0, stage.share)
         metrics.replay(module, logged, states)
-        return torch.tensor(value, dtype=torch.float32) if train else value
+        return with_extras(torch.tensor(value, dtype=torch.float32), extras, stage.device) if train else value
 
     def _record(self, module: Any, start: float, wait_s: float, samples: int) -> list[float]:
         """This stage's record of one synchronous training step (the same fields as the asynchronous engine's).

@@ -236,6 +236,18 @@ class CollectsOutputs(StemNetHead):
         self.validation_step_outputs.clear()
 
 
+class ReturnsExtras(StemNetHead):
+    """A ``training_step`` that returns more than the loss, for the callbacks' ``on_train_batch_end``."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._unpack(batch)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        preds = logits.argmax(dim=1)
+        return {"loss": loss, "acc": (preds == y).float().mean(), "preds": preds}
+
+
 class LayerwiseRates(StemNetHead):
     """Layer-wise learning-rate decay, made by indexing the pipelined ``nn.Sequential`` in ``configure_optimizers``
     (each layer's rate halves with its distance from the head), as fine-tuning recipes do."""

@@ -15,6 +15,7 @@ from models import ManualOptimization, StemNetHead, TwoOptimizers, loader
 from processes import GRACE_S
 
 from lightning_timeprest import PipelineConfigError, TiMePReStStrategy
+from lightning_timeprest.errors import CheckpointError, PipelineCommError, peer_lost
 
 
 @pytest.mark.parametrize(
@@ -180,6 +181,17 @@ def test_asynchronous_setups_fail_at_start(tmp_path, args, message):
     proc = run_script(tmp_path, *args, "--epochs", "1", "--out", str(tmp_path / "x.pt"), check=False, timeout=120)
     assert proc.returncode != 0
     assert "PipelineConfigError" in proc.stderr and message in proc.stderr
+
+
+def test_a_lost_peer_is_named_in_the_pipeline_words():
+    """A collective or transfer that fails because a peer is gone says who was doing what (the strategy prints
+    PipelineCommError at once, before Lightning's launcher ends the ranks)."""
+    with pytest.raises(PipelineCommError, match=r"^stage 1 \(rank 3\) failed while summing; .*Connection closed"):
+        with peer_lost("stage 1 (rank 3)", "summing"):
+            raise RuntimeError("[pair.cc:553] Connection closed by peer")
+    with pytest.raises(CheckpointError, match="^as it was$"):  # the package's own errors pass through
+        with peer_lost("stage 1 (rank 3)", "summing"):
+            raise CheckpointError("as it was")
 
 
 def test_every_error_derives_from_one_base_class():

@@ -1,6 +1,9 @@
-"""Synchronous schedules against single-device training, with real processes over gloo."""
+"""The schedules against single-device training (and a model's ways of using the step), with real processes over
+gloo."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -128,6 +131,29 @@ def test_values_collected_in_steps_reach_the_epoch_end_hooks(tmp_path, reference
     if schedule == "gpipe":
         ref_acc, ref_loss = collected(reference(*args))
         assert val_acc == pytest.approx(ref_acc, abs=1e-6) and train_loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_v"])
+def test_what_training_step_returns_besides_the_loss_reaches_on_train_batch_end(tmp_path, reference, schedule):
+    """A dict's other keys, joined over the micro-batches (a scalar: size-weighted mean; per-sample values:
+    concatenated), on every rank; under gpipe as on one device, under an asynchronous policy with its loss (a
+    mini-batch that completed a few steps ago)."""
+    args = ("--model", "ReturnsExtras", "--epochs", "1", "--n", "2")
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", schedule)
+    ranks = [torch.load(tmp_path / f"pp.pt.rank{r}", weights_only=False)["steps"] for r in range(2)]
+    for a, b in zip(*ranks, strict=True):  # every rank received the same
+        assert a["extras"].keys() == b["extras"].keys()
+        assert all(torch.equal(a["extras"][k], b["extras"][k]) for k in a["extras"])
+    if schedule == "gpipe":
+        for ours, ref in zip(got["steps"], reference(*args)["steps"], strict=True):
+            assert torch.equal(ours["extras"]["preds"], ref["extras"]["preds"])
+            assert float(ours["extras"]["acc"]) == pytest.approx(float(ref["extras"]["acc"]), abs=1e-6)
+    else:
+        steps = [s for s in got["steps"] if s["extras"]]  # once a mini-batch has completed
+        assert len(steps) >= len(got["steps"]) - 2 and not any(math.isnan(s["returned"]) for s in steps)
+        for step in steps:  # a whole mini-batch's per-sample predictions, and its accuracy a fraction of them
+            assert step["extras"]["preds"].shape[0] in (18, 10) and 0 <= float(step["extras"]["acc"]) <= 1
 
 
 @pytest.mark.slow

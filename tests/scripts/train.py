@@ -49,8 +49,10 @@ class Record(Callback):
         m = trainer.callback_metrics
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         nan = torch.tensor(float("nan"))
+        extras = {k: v.detach().cpu() for k, v in outputs.items() if k != "loss"} if isinstance(outputs, dict) else {}
         self.steps.append(
             {
+                "extras": extras,  # what training_step returned besides the loss, as on_train_batch_end got it
                 # (asynchronous policies log a mini-batch once it has completed: nothing in the first steps)
                 "train_loss_step": float(m.get("train_loss_step", m.get("train_loss", nan))),
                 "returned": float(loss),
@@ -391,6 +393,7 @@ def main() -> None:
         record.placement["skipped"] = getattr(record, "skipped", None)
         record.placement["deferred_layers"] = getattr(record, "deferred_layers", None)
         record.placement["history"] = record.history
+        record.placement["steps"] = record.steps
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
