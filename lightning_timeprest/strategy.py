@@ -199,6 +199,7 @@ class PipelineStrategyMixin:
         self._async: AsyncDriver | None = None
         self._sigterm: SigtermAgreement | None = None
         self._collecting: list[str] = []  # the epoch-end hooks wrapped by lightning_timeprest.collected
+        self._example_input: Any = None  # the module's example_input_array, set aside while placed
         self._stage_stats = StageStatistics()
         self._metric_groups_before: dict[Metric, Any] = {}
         self._final_optimizer_states: dict[int, dict[str, Any]] = {}
@@ -355,6 +356,7 @@ class PipelineStrategyMixin:
         assert self._stage is not None
         self._collecting = collected.install(module, self._stage)
         averaging.average_stages(trainer, module)  # (also in a validate after fit: the callback swaps then too)
+        self._hide_example_input(module)
         assert self._groups is not None
         self._metric_groups_before = metrics.set_process_groups(module, self._groups.metric)
         if fitting:
@@ -368,6 +370,19 @@ class PipelineStrategyMixin:
             self._replace_sigterm_barrier(trainer)
             if self.is_asynchronous:
                 self._start_async(module)
+
+    def _hide_example_input(self, module: Any) -> None:
+        """Set ``example_input_array`` aside while the stages are placed (given back at teardown). Lightning's model
+        summary and TensorBoard's ``log_graph`` call the model on it outside any step, which a rank holding one
+        stage cannot do; without it they do what they do for a model that has none (no sizes, no graph)."""
+        self._example_input = module.example_input_array
+        if self._example_input is not None:
+            module.example_input_array = None
+            rank_zero_info(
+                f"{type(self).__name__}: example_input_array is set aside during the run (each rank holds one stage, "
+                "so the model cannot be called on it outside a step): the model summary shows no input/output "
+                "sizes and TensorBoard's log_graph draws no graph; it is back after the run"
+            )
 
     def _place(self, module: Any) -> None:
         """Place this rank's stage (see :mod:`lightning_timeprest.placement`) and build what runs it."""
@@ -614,7 +629,9 @@ class PipelineStrategyMixin:
             self._sigterm = None
         if module is not None:
             collected.uninstall(module, self._collecting)
-        self._collecting = []
+            if self._example_input is not None:
+                module.example_input_array = self._example_input
+        self._collecting, self._example_input = [], None
         averaged = self._unplace(gather=not self._failed)
         metrics.restore_process_groups(self._metric_groups_before)
         self._metric_groups_before = {}

@@ -248,6 +248,14 @@ class ReturnsExtras(StemNetHead):
         return {"loss": loss, "acc": (preds == y).float().mean(), "preds": preds}
 
 
+class WithExampleInput(StemNetHead):
+    """``example_input_array`` set, as Lightning's docs suggest for the summary's sizes and TensorBoard's graph."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.example_input_array = torch.zeros(2, NUM_FEATURES)
+
+
 class LayerwiseRates(StemNetHead):
     """Layer-wise learning-rate decay, made by indexing the pipelined ``nn.Sequential`` in ``configure_optimizers``
     (each layer's rate halves with its distance from the head), as fine-tuning recipes do."""

@@ -157,6 +157,18 @@ def test_what_training_step_returns_besides_the_loss_reaches_on_train_batch_end(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
+def test_a_model_with_an_example_input_trains_with_the_summary_and_the_graph_logger(tmp_path, reference, schedule):
+    """Lightning's model summary and TensorBoard's log_graph call the model on example_input_array outside any
+    step, which a rank holding one stage cannot do: it is set aside during the run and given back after it."""
+    args = ("--model", "WithExampleInput", "--epochs", "1", "--summary", "--logger", "tensorboard")
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", schedule, "--n", "2")
+    assert got["example_input_array"] is not None and got["example_input_array"].shape == (2, 8)
+    if schedule == "gpipe":
+        assert_same_params(reference(*args, "--n", "2")["state_dict"], got["state_dict"])
+
+
+@pytest.mark.slow
 def test_stage_placement(tmp_path):
     """Each rank holds only its stage's layers plus the replicated stem and head; the optimizer sees only those."""
     out = tmp_path / "pp.pt"

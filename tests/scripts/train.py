@@ -212,6 +212,7 @@ def main() -> None:
     p.add_argument("--scheduler", default="", help="step: StepLR stepping every optimizer step")
     p.add_argument("--logger", default="csv", help="csv|tensorboard")
     p.add_argument("--rich", action="store_true", help="Lightning's rich progress bar")
+    p.add_argument("--summary", action="store_true", help="model summary; log_graph too with tensorboard")
     p.add_argument("--lr-monitor", action="store_true")
     p.add_argument("--early-stop", type=int, default=-1, help="EarlyStopping on val_loss with this patience")
     p.add_argument("--best-ckpt", default=None, help="ModelCheckpoint(monitor='val_loss') into this directory")
@@ -320,11 +321,13 @@ def main() -> None:
         limit_val_batches=1.0 if args.val else 0,
         num_sanity_val_steps=2 if args.val else 0,
         callbacks=callbacks,
-        logger=(TensorBoardLogger if args.logger == "tensorboard" else CSVLogger)(save_dir=os.getcwd(), name="logs"),
+        logger=TensorBoardLogger(save_dir=os.getcwd(), name="logs", log_graph=args.summary)
+        if args.logger == "tensorboard"
+        else CSVLogger(save_dir=os.getcwd(), name="logs"),
         log_every_n_steps=1,
         enable_checkpointing=bool(args.ckpt_dir or args.best_ckpt),
         enable_progress_bar=args.rich,
-        enable_model_summary=False,
+        enable_model_summary=args.summary,
     )
     if args.model == "DictBatch":
         cls, kwargs = models.StemNetHead, {"optimizer": args.optimizer, "batch_dict": True}
@@ -375,6 +378,7 @@ def main() -> None:
         result["predictions"] = torch.cat(trainer.predict(model, make_loader(eval_batch)))
         result["test"] = trainer.test(model, make_loader(eval_batch), verbose=False)
     result["created_on_meta"] = getattr(model, "created_on_meta", created_on_meta)
+    result["example_input_array"] = model.example_input_array
     if trainer.is_global_zero:
         torch.save(result, args.out)
     if hooks is not None:
