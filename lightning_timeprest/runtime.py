@@ -134,6 +134,13 @@ class _Elsewhere(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"{self.name} runs on another stage of the pipeline; call the model through the Trainer")
 
+    def __getattr__(self, attr: str) -> Any:
+        try:
+            return super().__getattr__(attr)
+        except AttributeError:
+            name = self.__dict__.get("name", "this layer")
+            raise AttributeError(f"{name} is held by another stage of the pipeline: no {attr!r} of it here") from None
+
 
 def through_stage(
     module: StageRunner, is_first: bool, is_last: bool, inputs: Any, call_user: Callable[[], Any] | None

@@ -117,4 +117,6 @@ def test_a_stage_module_indexes_as_the_original_sequential():
     assert list(stage[-1].parameters()) == []
     with pytest.raises(RuntimeError, match="layers.4 runs on another stage"):
         stage[4](torch.zeros(1, 2))
+    with pytest.raises(AttributeError, match="layers.0 is held by another stage of the pipeline: no 'weight'"):
+        stage[0].weight  # noqa: B018
     assert [n for n, _ in stage.named_parameters()] == ["2.weight", "2.bias"]  # what the stage holds, unchanged
