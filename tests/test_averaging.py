@@ -164,3 +164,14 @@ def test_a_loaded_checkpoint_is_cut_to_the_stage_for_the_callback():
         {**{f"module.{k}": v for k, v in checkpoint["state_dict"].items()}, "n_averaged": torch.tensor(0)}
     )
     assert "acc.seen" in checkpoint["current_model_state"] and "acc.seen" not in checkpoint["state_dict"]
+
+
+@slow
+def test_ema_of_a_traced_model_equals_one_device(tmp_path, reference):
+    """A traced stage's module holds its graph (fake tensors that do not copy): the averaged copy holds tensors only."""
+    args = ("--model", "MultiInputNet", "--epochs", "2", "--val", "--ema", str(DECAY))
+    ref = reference(*args)
+    got = train(tmp_path, "traced", *args, "--devices", "2", "--schedule", "gpipe", "--split-points", "gate")
+    assert_same_params(ref["state_dict"], got["state_dict"])
+    for a, b in zip(ref["epochs"], got["epochs"], strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
