@@ -43,6 +43,16 @@ def test_two_replicas_of_a_two_stage_pipeline_equal_ddp(tmp_path, ddp_reference,
     assert got["global_step"] == ddp_reference["global_step"] == 6  # 100 samples: 50 per replica, batches of 18
 
 
+def test_weight_averaging_over_two_replicas_of_a_pipeline_equals_ddp(tmp_path):
+    """EMAWeightAveraging: each stage of each replica averages its own weights; the whole average equals DDP's."""
+    ema = ("--epochs", "2", "--optimizer", "adam", "--ema", "0.8", "--val")
+    ref = train(tmp_path, "ddp_ema", "--ddp", "--devices", "2", *ema)
+    got = train(tmp_path, "dpxpp_ema", "--devices", "4", "--schedule", "gpipe", *PIPELINE, *ema)
+    assert_same_params(got["state_dict"], ref["state_dict"])
+    for a, b in zip(ref["epochs"], got["epochs"], strict=True):  # validation on the averaged weights
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+
+
 def test_two_nodes_with_lightnings_launcher(tmp_path, ddp_reference):
     """One launch per node with NODE_RANK and the master's address (LightningEnvironment); each node's launcher
     starts its second process."""
