@@ -5,6 +5,8 @@ sets up, and later average it parameter by parameter against the module, swap th
 average in at the end of training and write it as the checkpoint's ``state_dict``. On a pipeline a rank's module
 holds one stage, so, as the strategy places the stages:
 
+- the callback's ``setup`` makes no copy of the whole model (:func:`defer_copies`; it would hold every stage on
+  every rank, and a model made on the meta device cannot be copied to a device at all);
 - each callback's ``AveragedModel`` is cut to the placed module: every stage averages the weights it trains, at
   the steps the callback chooses (under the asynchronous policies, the stage's latest weights at that step, and a
   replicated parameter's average is copied from the stage that trains it whenever the pipeline drains, as the
@@ -20,6 +22,8 @@ refused, as Lightning refuses it for its sharded strategies.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -37,8 +41,10 @@ __all__ = [
     "average_whole",
     "averaged_every_stage",
     "check_averaging",
+    "defer_copies",
     "gather_averaged",
     "replicated_averages",
+    "restore_setups",
     "stage_averaged_states",
     "tensor_copy",
 ]
@@ -60,6 +66,30 @@ def check_averaging(trainer: Any) -> None:
             "WeightAveraging (an equal average of the weights, as SWA takes; override should_update to start "
             "later) or EMAWeightAveraging, which average each stage's weights"
         )
+
+
+def defer_copies(trainer: Any) -> list[Any]:
+    """Have each weight-averaging callback's ``setup`` (which runs before the stages are placed) leave out its copy
+    of the whole model: an empty stand-in instead, remade from the placed stage by :func:`average_stages`. The
+    whole copy would hold every stage's weights on every rank, and of a model made on the meta device it cannot
+    even be made (``.to()`` of meta tensors). Returns the callbacks changed (for :func:`restore_setups`)."""
+    cls = compat.lightning_callbacks(trainer).WeightAveraging
+    callbacks = [cb for cb in trainer.callbacks if isinstance(cb, cls)]
+    for callback in callbacks:
+        callback.setup = functools.partial(_setup_without_copy, callback, callback.setup)
+    return callbacks
+
+
+def restore_setups(callbacks: list[Any]) -> None:
+    for callback in callbacks:
+        vars(callback).pop("setup", None)
+
+
+def _setup_without_copy(callback: Any, setup: Callable[..., None], trainer: Any, module: Any, stage: str) -> None:
+    if stage != "fit":
+        setup(trainer, module, stage)
+        return
+    compat.rebuild_average_model(callback, nn.Module(), module.device)  # (nothing in it: average_stages fills it)
 
 
 def average_stages(trainer: Any, module: nn.Module) -> None:
@@ -89,7 +119,7 @@ def _remake(callback: Any, module: nn.Module, averages: dict[str, Tensor]) -> No
     compat.rebuild_average_model(callback, tensor_copy(module), device)
     new = compat.average_model(callback)
     held = {k for k, v in new.module.state_dict().items() if not v.is_meta}
-    new.module.load_state_dict({k: v for k, v in averages.items() if k in held}, strict=False)
+    new.module.load_state_dict({k: v for k, v in averages.items() if k in held and not v.is_meta}, strict=False)
     new.n_averaged.copy_(old.n_averaged)
 
 

@@ -200,6 +200,7 @@ class PipelineStrategyMixin:
         self._sigterm: SigtermAgreement | None = None
         self._collecting: list[str] = []  # the epoch-end hooks wrapped by lightning_timeprest.collected
         self._example_input: Any = None  # the module's example_input_array, set aside while placed
+        self._deferred_averaging: list[Any] = []  # weight-averaging callbacks whose setup makes no whole copy
         self._stage_stats = StageStatistics()
         self._metric_groups_before: dict[Metric, Any] = {}
         self._final_optimizer_states: dict[int, dict[str, Any]] = {}
@@ -276,6 +277,12 @@ class PipelineStrategyMixin:
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # the stages of one pipeline see the same data; the replicas see their own shards
         return {"num_replicas": self.num_replicas, "rank": self.replica}
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.lightning_module is not None:  # (this runs before the callbacks' setup)
+            self._deferred_averaging = averaging.defer_copies(self.lightning_module.trainer)
 
     @override
     def setup_distributed(self) -> None:
@@ -627,6 +634,8 @@ class PipelineStrategyMixin:
         if self._sigterm is not None:
             self._sigterm.finish(self._failed)
             self._sigterm = None
+        averaging.restore_setups(self._deferred_averaging)
+        self._deferred_averaging = []
         if module is not None:
             collected.uninstall(module, self._collecting)
             if self._example_input is not None:

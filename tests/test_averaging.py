@@ -62,15 +62,19 @@ def test_ema_under_gpipe_equals_one_device(one_device, gpipe_run):
 
 
 @slow
-@pytest.mark.parametrize("devices", ["2", "0"])
-def test_ema_checkpoint_resumes_exactly(gpipe_run, tmp_path, devices):
-    """Resumed by the pipeline, or by plain Lightning on one device: both the trained and the averaged model go on
-    as in the uninterrupted run."""
+@pytest.mark.parametrize("devices, empty_init", [("2", False), ("2", True), ("0", False)])
+def test_ema_checkpoint_resumes_exactly(gpipe_run, tmp_path, devices, empty_init):
+    """Resumed by the pipeline (also with the model made on the meta device, of which the callback could not copy
+    the whole), or by plain Lightning on one device: both the trained and the averaged model go on as in the
+    uninterrupted run."""
     tmp, full = gpipe_run
     resumed = train(
         tmp_path, "resumed", *ARGS, "--devices", devices, "--schedule", "gpipe",
         "--resume", str(tmp / "ckpts" / CKPT.format(0, 6)), "--ckpt-dir", str(tmp_path / "ckpts"),
+        *(["--empty-init"] if empty_init else []),
     )  # fmt: skip
+    if empty_init:
+        assert resumed["created_on_meta"] is True
     assert resumed["global_step"] == full["global_step"] == 18
     assert_same_params(full["state_dict"], resumed["state_dict"])
     last = CKPT.format(2, 18)
