@@ -17,7 +17,7 @@ holds one stage, so, as the strategy places the stages:
 
 ``StochasticWeightAveraging`` also replaces the learning-rate scheduler and runs an extra epoch without backward
 passes to recompute batch-norm statistics, which a pipeline that runs its own backward passes cannot honour: it is
-refused, as Lightning refuses it for its sharded strategies.
+refused (``PipelineConfig.check_trainer``), as Lightning refuses it for its sharded strategies.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from lightning_timeprest import compat
 from lightning_timeprest.checkpoint import CURRENT_STATE, gather_every_stage, gather_state_dict
-from lightning_timeprest.errors import PipelineConfigError
 
 if TYPE_CHECKING:
     from lightning_timeprest.placement import Placement
@@ -40,7 +39,6 @@ __all__ = [
     "average_stages",
     "average_whole",
     "averaged_every_stage",
-    "check_averaging",
     "defer_copies",
     "gather_averaged",
     "replicated_averages",
@@ -54,18 +52,6 @@ def _averaging(trainer: Any) -> list[Any]:
     """The trainer's ``WeightAveraging`` callbacks (``EMAWeightAveraging`` is one) that hold an averaged model."""
     cls = compat.lightning_callbacks(trainer).WeightAveraging
     return [cb for cb in trainer.callbacks if isinstance(cb, cls) and compat.average_model(cb) is not None]
-
-
-def check_averaging(trainer: Any) -> None:
-    """Refuse ``StochasticWeightAveraging`` (see the module's docstring) with the way out."""
-    cls = compat.lightning_callbacks(trainer).StochasticWeightAveraging
-    if any(isinstance(cb, cls) for cb in trainer.callbacks):
-        raise PipelineConfigError(
-            "StochasticWeightAveraging is not supported by pipeline strategies: it replaces the learning-rate "
-            "scheduler and runs an extra epoch without backward passes, which the pipeline runs itself; use "
-            "WeightAveraging (an equal average of the weights, as SWA takes; override should_update to start "
-            "later) or EMAWeightAveraging, which average each stage's weights"
-        )
 
 
 def defer_copies(trainer: Any) -> list[Any]:

@@ -62,10 +62,9 @@ def _collectors(module: Any, baseline: set[str]) -> dict[str, Any]:
     }
 
 
-def _baseline(module: Any) -> set[str]:
-    """The attributes every LightningModule has (``vars`` of a bare one of the module's own Lightning package)."""
-    base = next(c for c in type(module).__mro__ if c.__name__ == "LightningModule")
-    return set(vars(base()))
+def _lightning_base(module: Any) -> type:
+    """``LightningModule`` of the module's own Lightning package (``lightning`` or ``pytorch_lightning``)."""
+    return next(c for c in type(module).__mro__ if c.__name__ == "LightningModule")
 
 
 def give_collected(module: Any, stage: Stage, baseline: set[str]) -> None:
@@ -94,9 +93,9 @@ def install(module: Any, stage: Stage) -> list[str]:
     docstring); nothing for a one-stage pipeline or a module that defines none. Returns the hooks wrapped."""
     if stage.num_stages == 1:
         return []
-    base = next(c for c in type(module).__mro__ if c.__name__ == "LightningModule")
+    base = _lightning_base(module)
     hooks = [h for h in EPOCH_END_HOOKS if h not in vars(module) and getattr(type(module), h) is not getattr(base, h)]
-    baseline = _baseline(module) if hooks else set()
+    baseline = set(vars(base())) if hooks else set()  # the attributes every LightningModule has
     for hook in hooks:
         setattr(module, hook, _with_collected(getattr(module, hook), module, stage, baseline))
     return hooks

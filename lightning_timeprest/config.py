@@ -69,8 +69,19 @@ class PipelineConfig:
                 "manual optimization (automatic_optimization = False) is not supported by pipeline strategies: the "
                 "pipeline runs the forward and backward passes itself; use automatic optimization"
             )
-        finder = compat.lightning_callbacks(trainer).LearningRateFinder
-        if fitting and self.is_asynchronous and any(isinstance(cb, finder) for cb in trainer.callbacks):
+        callbacks = compat.lightning_callbacks(trainer)
+
+        def given(cls: type) -> bool:
+            return any(isinstance(cb, cls) for cb in trainer.callbacks)
+
+        if fitting and given(callbacks.StochasticWeightAveraging):
+            raise PipelineConfigError(
+                "StochasticWeightAveraging is not supported by pipeline strategies: it replaces the learning-rate "
+                "scheduler and runs an extra epoch without backward passes, which the pipeline runs itself; use "
+                "WeightAveraging (an equal average of the weights, as SWA takes; override should_update to start "
+                "later) or EMAWeightAveraging, which average each stage's weights"
+            )
+        if fitting and self.is_asynchronous and given(callbacks.LearningRateFinder):
             raise PipelineConfigError(
                 f"the learning-rate finder (Tuner.lr_find, LearningRateFinder) pairs each step's loss with that "
                 f"step's learning rate, but under {self.schedule!r} a mini-batch's loss is known a few steps after it "

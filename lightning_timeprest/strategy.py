@@ -351,8 +351,6 @@ class PipelineStrategyMixin:
         module = self.lightning_module
         fitting = trainer.state.fn == "fit"
         self.config.check_trainer(trainer, module, fitting)
-        if fitting:
-            averaging.check_averaging(trainer)
         self._stage_stats.clear()
         # One pipeline, one data stream: every rank keeps the user's own DataLoader (no DistributedSampler, so the
         # order is that of single-device training) and the batch that trains is stage 0's (see Stage.stage0_batch).
@@ -490,10 +488,10 @@ class PipelineStrategyMixin:
         # how many steps rank 0 may run ahead of the others (it waits for their backwards); a synchronous step ends
         # on every rank before the next one starts
         lag = 2 * self.num_stages + 4 + (self.config.max_inflight or 0) if self.is_asynchronous else 2
-        groups, timeout = self._groups, self.config.p2p_timeout
-        where = f"stage {self.stage} (rank {self.global_rank})"
+        groups, timeout, stage = self._groups, self.config.p2p_timeout, self._stage
+        assert stage is not None
         self._sigterm = SigtermAgreement(
-            groups.sigterm, self.global_rank, self.world_size, lag, timeout, groups.world, where
+            groups.sigterm, self.global_rank, self.world_size, lag, timeout, groups.world, stage.where
         )
         self._sigterm.install(trainer, self.launcher.kill if self.launcher is not None else None)
 

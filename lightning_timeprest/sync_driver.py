@@ -56,9 +56,7 @@ class SyncDriver:
         self._new_grads = {p: p.grad for p in params}
         for p, g in zip(params, earlier, strict=True):
             p.grad = g
-        if isinstance(out, dict):
-            return {**out, "loss": out["loss"].to(self.stage.device)}
-        return out.to(self.stage.device)
+        return out
 
     def install_gradients(self) -> None:
         """Put the gradients of the last training step on the parameters, summed over the stages for replicated
@@ -176,7 +174,9 @@ class SyncDriver:
                     stage.stats.add(s, stage_record)
             stage.stats.emit(module, last_step_of_epoch(module.trainer), stage.global_rank == 0, stage.share)
         metrics.replay(module, logged, states)
-        return with_extras(torch.tensor(value, dtype=torch.float32), extras, stage.device) if train else value
+        if not train:
+            return value
+        return with_extras(torch.tensor(value, dtype=torch.float32, device=stage.device), extras, stage.device)
 
     def _record(self, module: Any, start: float, wait_s: float, samples: int) -> list[float]:
         """This stage's record of one synchronous training step (the same fields as the asynchronous engine's).
