@@ -52,7 +52,8 @@ def step_extras(outputs: Sequence[Any], sizes: Sequence[int]) -> dict[str, Any] 
     """What a ``training_step`` returned besides the loss (a dict's other keys), joined over a mini-batch's
     micro-batches as Lightning's ``on_train_batch_end`` would get it for the whole batch: a number or 0-dim tensor
     per micro-batch becomes their mean weighted by micro-batch size (as the loss), tensors with a batch dimension
-    are concatenated (:func:`join`). Detached, on the CPU, to travel to every rank. ``None`` when there is none."""
+    and lists of one item per sample are concatenated (:func:`join`). Detached, on the CPU, to travel to every
+    rank. ``None`` when there is none."""
     if not isinstance(outputs[0], Mapping) or set(outputs[0]) <= {"loss"}:
         return None
     weights = [size / sum(sizes) for size in sizes]
@@ -64,7 +65,7 @@ def step_extras(outputs: Sequence[Any], sizes: Sequence[int]) -> dict[str, Any] 
         scalar = all(
             (isinstance(v, Tensor) and v.dim() == 0 and v.is_floating_point()) or type(v) is float for v in values
         )
-        extras[key] = sum(w * v for w, v in zip(weights, values, strict=True)) if scalar else join(values)
+        extras[key] = sum(w * v for w, v in zip(weights, values, strict=True)) if scalar else join(values, sizes)
     return extras
 
 

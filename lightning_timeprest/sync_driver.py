@@ -161,7 +161,7 @@ class SyncDriver:
             if train:
                 value, extras = weighted_loss(result.outputs, sizes), step_extras(result.outputs, sizes)
             else:
-                value = move_data_to_device(join(result.outputs), "cpu") if hook == "predict_step" else None
+                value = move_data_to_device(join(result.outputs, sizes), "cpu") if hook == "predict_step" else None
             logged = metrics.reduce_logged(module, capture.calls, sizes)
             payload = (value, extras, logged, metrics.metric_states(module, logged))
         if record is None:

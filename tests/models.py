@@ -102,6 +102,23 @@ def dict_loader(batch_size: int = 18, num_samples: int = 100) -> DataLoader:
     return DataLoader(DictBatch(dataset(num_samples)), batch_size=batch_size, shuffle=False)
 
 
+class Named(torch.utils.data.Dataset):
+    """(x, y, name): ``default_collate`` leaves the names a list of strings, one per sample."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (*self.base[i], f"s{i}")
+
+
+def named_loader(batch_size: int = 18, num_samples: int = 100) -> DataLoader:
+    return DataLoader(Named(dataset(num_samples)), batch_size=batch_size, shuffle=False)
+
+
 VOCAB = 12
 
 
@@ -246,6 +263,33 @@ class ReturnsExtras(StemNetHead):
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         preds = logits.argmax(dim=1)
         return {"loss": loss, "acc": (preds == y).float().mean(), "preds": preds}
+
+
+class NamedSamples(StemNetHead):
+    """Batches carry each sample's name (a list of strings) beside the tensors: the loss weighs each sample by a
+    number read from its name, the step returns the names, ``predict_step`` returns them with the classes."""
+
+    @staticmethod
+    def _weights(names: list[str], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([1.0 + int(n[1:]) % 3 for n in names], dtype=like.dtype)
+
+    def training_step(self, batch, batch_idx):
+        x, y, names = batch
+        assert len(names) == len(x), "the names split with the samples"
+        logits = self(x)
+        loss = (F.cross_entropy(logits, y, reduction="none") * self._weights(names, logits)).mean()
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return {"loss": loss, "names": names}
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch[:2], batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        super().test_step(batch[:2], batch_idx)
+
+    def predict_step(self, batch, batch_idx):
+        x, _, names = batch
+        return {"names": [f"{n}:" for n in names], "classes": self(x).argmax(dim=1)}
 
 
 class WithExampleInput(StemNetHead):

@@ -44,9 +44,39 @@ def test_split_nested_structures_and_join_back():
     assert torch.equal(joined["box"].x, batch["box"].x)
 
 
+def test_lists_of_one_plain_item_per_sample_split_with_the_samples():
+    """What ``default_collate`` leaves as lists (strings, metadata dicts; a per-sample sequence transposed into a
+    list of lists) goes with its samples; lists holding tensors are structure, and other lists stay whole."""
+    batch = {
+        "x": torch.arange(5),
+        "names": ["a", "b", "c", "d", "e"],
+        "meta": tuple({"id": i} for i in range(5)),
+        "tokens": [["a0", "b0", "c0", "d0", "e0"], ["a1", "b1", "c1", "d1", "e1"]],
+        "square": [[0, 1, 2, 3, 4]] * 5,  # 5 per-sample sequences of 5: split list by list, as default_collate's
+        "sizes": [224, 224],
+    }
+    (first, second), sizes = split(batch, 2)
+    assert sizes == [3, 2]
+    assert first["names"] == ["a", "b", "c"] and second["names"] == ["d", "e"]
+    assert second["meta"] == ({"id": 3}, {"id": 4}) and isinstance(second["meta"], tuple)
+    assert second["tokens"] == [["d0", "e0"], ["d1", "e1"]]
+    assert second["square"] == [[3, 4]] * 5
+    assert first["sizes"] == second["sizes"] == [224, 224]
+    assert join([first, second], sizes)["names"] == batch["names"]
+    assert join([first, second], sizes)["meta"] == batch["meta"]
+    assert join([["a:", "b:", "c:"], ["d:", "e:"]], [3, 2]) == ["a:", "b:", "c:", "d:", "e:"]
+
+
+def test_a_batch_of_plain_lists_only_is_split_by_their_length():
+    parts, sizes = split({"text": ["x", "y", "z"], "label": [0, 1, 1]}, 2)
+    assert sizes == [2, 1] and parts[1] == {"text": ["z"], "label": [1]}
+
+
 def test_batch_size_errors():
     with pytest.raises(MicroBatchError, match="disagree"):
         batch_size((torch.zeros(4), torch.zeros(5)))
+    with pytest.raises(MicroBatchError, match="pad them into one tensor"):
+        batch_size([torch.zeros(3), torch.zeros(4)])  # per-sample tensors from a custom collate_fn
     with pytest.raises(MicroBatchError, match="no tensor"):
         batch_size({"a": 1})
 

@@ -157,6 +157,27 @@ def test_what_training_step_returns_besides_the_loss_reaches_on_train_batch_end(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_v"])
+def test_lists_of_strings_in_the_batch_split_with_the_samples(tmp_path, reference, schedule):
+    """Each sample's name (a list of strings from default_collate) goes with its sample into the micro-batches:
+    the loss weighs the samples by their names, so gpipe equals one device only if each micro-batch gets its own;
+    the names the step returns and those ``predict_step`` returns are the whole batch's, in order."""
+    args = ("--model", "NamedSamples", "--epochs", "2", "--n", "2", "--predict")
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", schedule)
+    ref = reference(*args)
+    names = [tuple(f"s{i}" for i in range(start, min(start + 18, 100))) for start in range(0, 100, 18)]
+    assert [s["extras"]["names"] for s in ref["steps"]] == names * 2  # (default_collate makes tuples of them)
+    assert [p["names"] for p in got["predictions"]] == [[f"{n}:" for n in batch] for batch in names]
+    if schedule == "gpipe":
+        assert_same_params(ref["state_dict"], got["state_dict"])
+        assert [s["extras"]["names"] for s in got["steps"]] == names * 2
+        for ours, theirs in zip(got["predictions"], ref["predictions"], strict=True):
+            assert torch.equal(ours["classes"], theirs["classes"])
+    else:  # a mini-batch's names with its lagging loss, once it completed
+        assert all(s["extras"]["names"] in names for s in got["steps"] if s["extras"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
 def test_a_model_with_an_example_input_trains_with_the_summary_and_the_graph_logger(tmp_path, reference, schedule):
     """Lightning's model summary and TensorBoard's log_graph call the model on example_input_array outside any

@@ -49,7 +49,11 @@ class Record(Callback):
         m = trainer.callback_metrics
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         nan = torch.tensor(float("nan"))
-        extras = {k: v.detach().cpu() for k, v in outputs.items() if k != "loss"} if isinstance(outputs, dict) else {}
+        extras = (
+            {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items() if k != "loss"}
+            if isinstance(outputs, dict)
+            else {}
+        )
         self.steps.append(
             {
                 "extras": extras,  # what training_step returned besides the loss, as on_train_batch_end got it
@@ -346,7 +350,11 @@ def main() -> None:
     if args.mask_hook:
         for param in model.net.parameters():
             param.register_hook(zero_first_half)
-    make_loader = {"TiedLM": models.token_loader, "DictBatch": models.dict_loader}.get(args.model, models.loader)
+    make_loader = {
+        "TiedLM": models.token_loader,
+        "DictBatch": models.dict_loader,
+        "NamedSamples": models.named_loader,
+    }.get(args.model, models.loader)
     val = make_loader(args.eval_batch_size or args.batch_size) if args.val else None
     try:
         train_loader = make_loader(args.batch_size)
@@ -375,7 +383,8 @@ def main() -> None:
         result["validate"] = trainer.validate(model, val, verbose=False)
     if args.predict:
         eval_batch = args.eval_batch_size or args.batch_size
-        result["predictions"] = torch.cat(trainer.predict(model, make_loader(eval_batch)))
+        predictions = trainer.predict(model, make_loader(eval_batch))
+        result["predictions"] = torch.cat(predictions) if isinstance(predictions[0], torch.Tensor) else predictions
         result["test"] = trainer.test(model, make_loader(eval_batch), verbose=False)
     result["created_on_meta"] = getattr(model, "created_on_meta", created_on_meta)
     result["example_input_array"] = model.example_input_array
