@@ -89,6 +89,19 @@ class PipelineConfig:
                 f"or wrong. Find the learning rate with schedule='gpipe' (same model and stages), then train with "
                 f"{self.schedule!r}"
             )
+        if fitting and given(callbacks.ModelPruning):
+            raise PipelineConfigError(
+                "ModelPruning is not supported by pipeline strategies: it prunes the whole model in one process (a "
+                "global threshold over every stage's weights) and renames the pruned parameters (weight_orig, "
+                "weight_mask) under the pipeline while it trains; prune the trained model in one process (load the "
+                "checkpoint, apply torch.nn.utils.prune, fine-tune) or train with a mask of your own in the model"
+            )
+        if fitting and self.is_asynchronous and given(callbacks.GradientAccumulationScheduler):
+            raise PipelineConfigError(
+                f"GradientAccumulationScheduler does not apply to {self.schedule!r}: an asynchronous policy steps "
+                "every stage once per mini-batch inside the pipeline, so the accumulation it sets would be ignored; "
+                "remove it (or use a larger batch), or use a synchronous schedule (gpipe, 1f1b) with it"
+            )
         if fitting and self.is_asynchronous and trainer.accumulate_grad_batches != 1:
             raise PipelineConfigError(
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches} does not apply to {self.schedule!r}: "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_script, wait_for_ranks_to_exit
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.tuner import Tuner
 from models import ManualOptimization, StemNetHead, TwoOptimizers, loader
 from processes import GRACE_S
@@ -63,6 +63,16 @@ def _fit_one_process(model, batch_size: int = 18, schedule: str = "gpipe", **tra
             StemNetHead,
             {"callbacks": [StochasticWeightAveraging(swa_lrs=0.01)]},
             "StochasticWeightAveraging is not supported by pipeline strategies.*use WeightAveraging",
+        ),
+        (
+            StemNetHead,
+            {"callbacks": [ModelPruning("l1_unstructured", amount=0.3)]},
+            "ModelPruning is not supported by pipeline strategies.*prune the trained model in one process",
+        ),
+        (
+            StemNetHead,
+            {"callbacks": [GradientAccumulationScheduler({0: 1, 1: 2})], "schedule": "timeprest_v"},
+            "GradientAccumulationScheduler does not apply to 'timeprest_v'.*gpipe, 1f1b",
         ),
     ],
 )
