@@ -69,7 +69,7 @@ class _Micro:
     leaves: LeafSet | None = None  # what the forward read, when its graph is kept
     inputs: Any = None  # the activation received (not on stage 0)
     outputs: Any = None  # the activation sent (graph kept)
-    rng: Any = None  # RNG state at the forward (recompute reruns it identically)
+    rng: Any = None  # the random states at the forward, global and the layers' (recompute reruns it identically)
     loss: Tensor | None = None  # last stage: the user's micro-batch loss
     pinned: bool = False
     grads: Any = None  # the receives of the output's gradients, posted when it was sent
@@ -328,7 +328,7 @@ class AsyncRuntime:
         keep_graph = self.is_last or self.rule == "graph"
         record = _Micro(version=version, inputs=inputs)
         if self.rule == "recompute" and not self.is_last:
-            record.rng = _rng_state()
+            record.rng = _rng_state(), self.module.layer_stream.state() if self.module.layer_stream else None
         if self.policy.backward in ("stashed", "intermediate") and not self.is_last:
             self.store.pin(version)
             record.pinned = True
@@ -499,7 +499,7 @@ class AsyncRuntime:
         self.store.lend_grads(leaves)
         for j in js:
             record = mb.micro[j]
-            with _rng_restored(record.rng), _buffers_kept(self.root):
+            with self._drawing_again(record.rng), _buffers_kept(self.root):
                 _, out = self._stage_forward(mb, j, record.inputs, leaves)
             pairs = self.comm.recv_gradients(out, record.grads)
             if pairs:
@@ -508,6 +508,18 @@ class AsyncRuntime:
             self._send_gradients(mb, j)
         self._retarget(leaves)
         self.store.harvest(leaves)
+
+    @contextmanager
+    def _drawing_again(self, rng: Any) -> Iterator[None]:
+        """A recomputed forward draws what its forward drew: the step's code from the global generators as they
+        stood then, the layers from the stage's stream as it stood then (streams.py)."""
+        if rng is None:
+            yield
+            return
+        outer, layers = rng
+        stream = self.module.layer_stream
+        with _rng_restored(outer), stream.replaying(layers) if stream is not None else nullcontext():
+            yield
 
     def _retarget(self, leaves: LeafSet) -> None:
         """Send what the deferred Linear layers kept for ``leaves`` to the parameters' gradients, where the mini-batch's

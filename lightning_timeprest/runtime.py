@@ -11,6 +11,9 @@ stage:
   previous stage, so the user's loss code runs on the real pipeline output;
 * middle stages never run user code: they receive, apply their layers and send.
 
+The layers draw from the stage's own random stream (:mod:`~lightning_timeprest.streams`), so the user's step
+draws alike on the first and the last stage.
+
 :class:`PipelineRuntime` walks the stage's op list of a :class:`~lightning_timeprest.schedules.Schedule`
 for one mini-batch, doing the forward and backward ops and their transfers.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 from lightning_timeprest.comm import StageComm
 from lightning_timeprest.costs import OpClock
 from lightning_timeprest.schedules import OpKind, Schedule
+from lightning_timeprest.streams import LayerStream
 from lightning_timeprest.weight_gradients import WeightGradients
 
 __all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StageRunner", "StepResult", "through_stage"]
@@ -54,6 +58,11 @@ class StageRunner(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._handler: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None
+        self.layer_stream: LayerStream | None = None  # set when placed (streams.py)
+
+    def drawing(self) -> AbstractContextManager[None]:
+        """Around the stage's layers: they draw from the stage's own random stream (streams.py)."""
+        return self.layer_stream.drawing() if self.layer_stream is not None else nullcontext()
 
     def entry(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -152,7 +161,8 @@ def through_stage(
     activation received) and lets the step finish. Middle stages apply their layers to ``inputs``.
     """
     if call_user is None:
-        return None, module.run_layers(inputs)
+        with module.drawing():
+            return None, module.run_layers(inputs)
     produced: list[Any] = []
 
     def handler(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -161,7 +171,8 @@ def through_stage(
                 f"the pipelined module {module.module_name or 'forward'!r} was called twice in one step; a pipelined "
                 "module can be called once per step"
             )
-        out = module.run_layers(module.entry(args, kwargs) if is_first else inputs)
+        with module.drawing():
+            out = module.run_layers(module.entry(args, kwargs) if is_first else inputs)
         produced.append(out)
         if not is_last:
             raise StageBoundary

@@ -292,6 +292,25 @@ class NamedSamples(StemNetHead):
         return {"names": [f"{n}:" for n in names], "classes": self(x).argmax(dim=1)}
 
 
+class MixupDropout(StemNetHead):
+    """Mixup in ``training_step`` (a mixing weight and a permutation drawn before the pipelined call, the labels
+    mixed after it) and dropout inside the pipelined module; ``draws`` keeps what each step drew on this rank."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.net.insert(1, nn.Dropout(0.25))
+        self.draws: list[tuple[float, list[int]]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        lam, perm = float(torch.rand(())), torch.randperm(len(x))
+        self.draws.append((lam, perm.tolist()))
+        logits = self(lam * x + (1 - lam) * x[perm])
+        loss = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
 class WithExampleInput(StemNetHead):
     """``example_input_array`` set, as Lightning's docs suggest for the summary's sizes and TensorBoard's graph."""
 

@@ -179,6 +179,29 @@ def test_lists_of_strings_in_the_batch_split_with_the_samples(tmp_path, referenc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
+def test_the_step_draws_alike_on_every_stage_while_the_layers_draw_too(tmp_path, schedule):
+    """Mixup draws its weight and permutation before the pipelined call, and the last stage mixes the labels with
+    them after it; dropout inside the pipelined module draws on stage 0 only. The layers draw from each stage's own
+    random stream, so the last stage's step draws what stage 0's drew (before, from the first dropout on, it drew
+    other numbers: labels mixed by another permutation than their inputs)."""
+    train(tmp_path, "pp", "--model", "MixupDropout", "--epochs", "2", "--n", "2", "--schedule", schedule)
+    first, last = (torch.load(tmp_path / f"pp.pt.rank{r}", weights_only=False)["draws"] for r in range(2))
+    assert len(first) >= 2 * 6 * 2 and len({lam for lam, _ in first}) == len(first)
+    assert first == last
+
+
+@pytest.mark.slow
+def test_a_recomputed_forward_draws_its_dropout_masks_again(tmp_path):
+    """pipedream reads the stashed weights in the backward, so the recompute rule (the forward rerun at backward
+    time) trains exactly as the graph rule, if the rerun draws the forward's dropout masks again."""
+    args = ("--model", "MixupDropout", "--epochs", "2", "--n", "1", "--schedule", "pipedream")
+    graph = train(tmp_path, "graph", *args, "--rule", "graph")
+    recompute = train(tmp_path, "recompute", *args, "--rule", "recompute")
+    assert_same_params(graph["state_dict"], recompute["state_dict"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
 def test_a_model_with_an_example_input_trains_with_the_summary_and_the_graph_logger(tmp_path, reference, schedule):
     """Lightning's model summary and TensorBoard's log_graph call the model on example_input_array outside any
     step, which a rank holding one stage cannot do: it is set aside during the run and given back after it."""

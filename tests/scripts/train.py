@@ -406,6 +406,7 @@ def main() -> None:
         record.placement["skipped"] = getattr(record, "skipped", None)
         record.placement["deferred_layers"] = getattr(record, "deferred_layers", None)
         record.placement["history"] = record.history
+        record.placement["draws"] = getattr(model, "draws", None)
         record.placement["steps"] = record.steps
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
