@@ -328,7 +328,8 @@ class AsyncRuntime:
         keep_graph = self.is_last or self.rule == "graph"
         record = _Micro(version=version, inputs=inputs)
         if self.rule == "recompute" and not self.is_last:
-            record.rng = _rng_state(), self.module.layer_stream.state() if self.module.layer_stream else None
+            streams = self.module.streams
+            record.rng = _rng_state(), streams.layers.state() if streams is not None else None
         if self.policy.backward in ("stashed", "intermediate") and not self.is_last:
             self.store.pin(version)
             record.pinned = True
@@ -517,8 +518,8 @@ class AsyncRuntime:
             yield
             return
         outer, layers = rng
-        stream = self.module.layer_stream
-        with _rng_restored(outer), stream.replaying(layers) if stream is not None else nullcontext():
+        streams = self.module.streams
+        with _rng_restored(outer), streams.layers.replaying(layers) if streams is not None else nullcontext():
             yield
 
     def _retarget(self, leaves: LeafSet) -> None:

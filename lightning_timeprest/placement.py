@@ -43,7 +43,7 @@ from lightning_timeprest.partition import (
 )
 from lightning_timeprest.runtime import StageModule, StageRunner
 from lightning_timeprest.sample import sample_call, sandbox, step_calls
-from lightning_timeprest.streams import LayerStream
+from lightning_timeprest.streams import StageStreams
 from lightning_timeprest.tracing import (
     CallRecord,
     TracedModel,
@@ -336,10 +336,10 @@ def place(module: nn.Module, spec: PlacementSpec) -> Placement:
     # (names before this rank releases other stages' tensors: the whole model's)
     state_keys, param_order = list(module.state_dict().keys()), [n for n, _ in module.named_parameters()]
     aliases = parameter_aliases(module)
-    stream = LayerStream(stage, spec.device)
-    with stream.drawing():  # (a meta-initialised stage draws its initial values from it)
+    streams = StageStreams(stage, spec.device)
+    with streams.layers.drawing():  # (a meta-initialised stage draws its initial values from it)
         runner, sequential, traced_module, detached = _keep_own(module, cut, plan, keep, spec)
-    runner.layer_stream = stream
+    runner.streams = streams
     blocks = f"{'traced, ' if tm is not None else ''}{len(cut.names)} blocks"
     return Placement(
         plan=plan,

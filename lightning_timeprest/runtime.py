@@ -11,8 +11,9 @@ stage:
   previous stage, so the user's loss code runs on the real pipeline output;
 * middle stages never run user code: they receive, apply their layers and send.
 
-The layers draw from the stage's own random stream (:mod:`~lightning_timeprest.streams`), so the user's step
-draws alike on the first and the last stage.
+The layers draw from the stage's own random stream, and the step's code after the pipelined call from another
+one (:mod:`~lightning_timeprest.streams`), so the step's code before it draws alike on the first and the last
+stage.
 
 :class:`PipelineRuntime` walks the stage's op list of a :class:`~lightning_timeprest.schedules.Schedule`
 for one mini-batch, doing the forward and backward ops and their transfers.
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from lightning_timeprest.comm import StageComm
 from lightning_timeprest.costs import OpClock
 from lightning_timeprest.schedules import OpKind, Schedule
-from lightning_timeprest.streams import LayerStream
+from lightning_timeprest.streams import StageStreams
 from lightning_timeprest.weight_gradients import WeightGradients
 
 __all__ = ["PipelineRuntime", "StageBoundary", "StageModule", "StageRunner", "StepResult", "through_stage"]
@@ -58,11 +59,11 @@ class StageRunner(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._handler: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None
-        self.layer_stream: LayerStream | None = None  # set when placed (streams.py)
+        self.streams: StageStreams | None = None  # set when placed (streams.py)
 
     def drawing(self) -> AbstractContextManager[None]:
         """Around the stage's layers: they draw from the stage's own random stream (streams.py)."""
-        return self.layer_stream.drawing() if self.layer_stream is not None else nullcontext()
+        return self.streams.layers.drawing() if self.streams is not None else nullcontext()
 
     def entry(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -164,6 +165,7 @@ def through_stage(
         with module.drawing():
             return None, module.run_layers(inputs)
     produced: list[Any] = []
+    after_call = module.streams.after_call if module.streams is not None and is_last else None
 
     def handler(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if produced:
@@ -176,6 +178,8 @@ def through_stage(
         produced.append(out)
         if not is_last:
             raise StageBoundary
+        if after_call is not None:  # the rest of the step runs here only: it must not move the global stream
+            after_call.enter()
         return out
 
     user_output = None
@@ -184,6 +188,9 @@ def through_stage(
             user_output = call_user()
         except StageBoundary:
             pass
+        finally:
+            if after_call is not None:
+                after_call.leave()
     if not produced:
         raise RuntimeError(
             f"the step did not call the pipelined module {module.module_name or 'forward'!r}; the step must run the "

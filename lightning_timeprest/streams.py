@@ -8,11 +8,12 @@ drawing from the global stream they would move it on one rank and not on the oth
 on, the last stage's step would draw other numbers than stage 0's (its labels mixed by another permutation than
 the inputs they belong to, silently).
 
-So each stage's layers draw from a stream of their own (:class:`LayerStream`), swapped in for the global one while
-they run, and the global stream moves alike on every rank: by the step's own draws. The layers' draws cannot be
-one device's anyway (they are split across processes); each stage's stream is seeded from the global seed
-(``seed_everything``) and the stage, so a run is reproducible. Replicas of one stage (data parallelism) draw alike,
-as Lightning's DDP ranks do from one seed.
+So each stage's layers draw from a stream of their own, swapped in for the global one while they run; and the
+part of the step after the pipelined call, which runs on the last stage only (a loss that samples, noise on the
+logits), draws from another one of the last stage's. The global stream then moves alike on every rank: by the
+draws of the step's code before the pipelined call. These draws cannot be one device's anyway (the layers are
+split across processes); each stream is seeded from the global seed (``seed_everything``) and the stage, so a run
+is reproducible. Replicas of one stage (data parallelism) draw alike, as Lightning's DDP ranks do from one seed.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["LayerStream"]
+__all__ = ["RandomStream", "StageStreams"]
 
 State = tuple[Tensor, Tensor | None]
 
 
-class LayerStream:
-    """Stage ``stage``'s own random stream (the CPU generator's, and the device's where it is a GPU)."""
+class RandomStream:
+    """A random stream of its own (the CPU generator's, and the device's where it is a GPU), swapped in for the
+    global generators where it draws."""
 
-    def __init__(self, stage: int, device: torch.device) -> None:
-        seed = (torch.initial_seed() + 1 + stage) % 2**63
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self._outer: tuple[Tensor, Tensor | None] | None = None
         self._cuda = torch.cuda.default_generators[_index(device)] if device.type == "cuda" else None
         self.cpu: Tensor = torch.Generator().manual_seed(seed).get_state()
         self.cuda: Tensor | None = None
@@ -43,22 +45,34 @@ class LayerStream:
         """Where the stream stands (to draw the same again: :meth:`replaying`)."""
         return self.cpu, self.cuda
 
-    @contextmanager
-    def drawing(self) -> Iterator[None]:
-        """Within the block, the global generators are this stream (which moves on); after it, as they were."""
-        outer_cpu = torch.get_rng_state()
-        outer_cuda = self._cuda.get_state() if self._cuda is not None else None
+    def enter(self) -> None:
+        """From now on the global generators are this stream (which moves on) until :meth:`leave`."""
+        assert self._outer is None, "the stream is drawing already"
+        self._outer = torch.get_rng_state(), self._cuda.get_state() if self._cuda is not None else None
         torch.set_rng_state(self.cpu)
         if self._cuda is not None and self.cuda is not None:
             self._cuda.set_state(self.cuda)
+
+    def leave(self) -> None:
+        """The global generators as they were at :meth:`enter` (nothing if the stream is not drawing)."""
+        if self._outer is None:
+            return
+        outer_cpu, outer_cuda = self._outer
+        self._outer = None
+        self.cpu = torch.get_rng_state()
+        torch.set_rng_state(outer_cpu)
+        if self._cuda is not None and outer_cuda is not None:
+            self.cuda = self._cuda.get_state()
+            self._cuda.set_state(outer_cuda)
+
+    @contextmanager
+    def drawing(self) -> Iterator[None]:
+        """Within the block, the global generators are this stream (which moves on); after it, as they were."""
+        self.enter()
         try:
             yield
         finally:
-            self.cpu = torch.get_rng_state()
-            torch.set_rng_state(outer_cpu)
-            if self._cuda is not None and outer_cuda is not None:
-                self.cuda = self._cuda.get_state()
-                self._cuda.set_state(outer_cuda)
+            self.leave()
 
     @contextmanager
     def replaying(self, state: State) -> Iterator[None]:
@@ -70,6 +84,20 @@ class LayerStream:
             yield
         finally:
             self.cpu, self.cuda = kept
+
+
+class StageStreams:
+    """The streams of stage ``stage``: its layers', and (last stage) that of the step's code after the call."""
+
+    def __init__(self, stage: int, device: torch.device) -> None:
+        seed = torch.initial_seed()
+        self.layers = RandomStream(_mixed(seed, 1, stage), device)
+        self.after_call = RandomStream(_mixed(seed, 2, stage), device)
+
+
+def _mixed(*values: int) -> int:
+    """A seed from ``values``; the same in every process (Python hashes a tuple of ints alike everywhere)."""
+    return hash(values) % 2**63
 
 
 def _index(device: torch.device) -> int:

@@ -294,7 +294,8 @@ class NamedSamples(StemNetHead):
 
 class MixupDropout(StemNetHead):
     """Mixup in ``training_step`` (a mixing weight and a permutation drawn before the pipelined call, the labels
-    mixed after it) and dropout inside the pipelined module; ``draws`` keeps what each step drew on this rank."""
+    mixed after it), noise drawn onto the logits after it, and dropout inside the pipelined module; ``draws``
+    keeps what each step drew before the call on this rank."""
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
         super().__init__(optimizer=optimizer, lr=lr)
@@ -306,6 +307,7 @@ class MixupDropout(StemNetHead):
         lam, perm = float(torch.rand(())), torch.randperm(len(x))
         self.draws.append((lam, perm.tolist()))
         logits = self(lam * x + (1 - lam) * x[perm])
+        logits = logits + 0.01 * torch.randn_like(logits)
         loss = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         return loss

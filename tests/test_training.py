@@ -181,9 +181,10 @@ def test_lists_of_strings_in_the_batch_split_with_the_samples(tmp_path, referenc
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
 def test_the_step_draws_alike_on_every_stage_while_the_layers_draw_too(tmp_path, schedule):
     """Mixup draws its weight and permutation before the pipelined call, and the last stage mixes the labels with
-    them after it; dropout inside the pipelined module draws on stage 0 only. The layers draw from each stage's own
-    random stream, so the last stage's step draws what stage 0's drew (before, from the first dropout on, it drew
-    other numbers: labels mixed by another permutation than their inputs)."""
+    them after it; dropout inside the pipelined module draws on stage 0 only, the noise on the logits after the call
+    on the last stage only. Each draws from a stream of its own, so the last stage's step draws before the call
+    what stage 0's drew (before, from the first dropout on, it drew other numbers: labels mixed by another
+    permutation than their inputs)."""
     train(tmp_path, "pp", "--model", "MixupDropout", "--epochs", "2", "--n", "2", "--schedule", schedule)
     first, last = (torch.load(tmp_path / f"pp.pt.rank{r}", weights_only=False)["draws"] for r in range(2))
     assert len(first) >= 2 * 6 * 2 and len({lam for lam, _ in first}) == len(first)
