@@ -194,8 +194,9 @@ def through_stage(
     if not produced:
         raise RuntimeError(
             f"the step did not call the pipelined module {module.module_name or 'forward'!r}; the step must run the "
-            "model (e.g. "
-            "self(x) whose forward calls it) so that the pipeline can carry the batch"
+            "model (e.g. self(x) whose forward calls it) so that the pipeline can carry the batch. A step that skips "
+            "a batch (returns early, e.g. None) cannot on a pipeline, where the other stages wait for the batch: "
+            "leave such batches out in the data (the dataset, a collate_fn or a sampler)"
         )
     return user_output, produced[0]
 

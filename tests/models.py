@@ -313,6 +313,14 @@ class MixupDropout(StemNetHead):
         return loss
 
 
+class SkipsABatch(StemNetHead):
+    """Returns ``None`` from ``training_step`` for its second batch, before calling the model (Lightning's way to
+    skip a batch on one device)."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+
 class WithExampleInput(StemNetHead):
     """``example_input_array`` set, as Lightning's docs suggest for the summary's sizes and TensorBoard's graph."""
 

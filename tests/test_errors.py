@@ -11,7 +11,7 @@ from conftest import run_script, wait_for_ranks_to_exit
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.tuner import Tuner
-from models import ManualOptimization, StemNetHead, TwoOptimizers, loader
+from models import ManualOptimization, SkipsABatch, StemNetHead, TwoOptimizers, loader
 from processes import GRACE_S
 
 from lightning_timeprest import PipelineConfigError, TiMePReStStrategy
@@ -81,6 +81,11 @@ def test_unsupported_setups_fail_at_start(model, trainer_kwargs, message):
     with pytest.raises(PipelineConfigError, match=message):
         _fit_one_process(instance, **trainer_kwargs)
     assert instance.trainer.global_step == 0
+
+
+def test_a_step_that_skips_a_batch_fails_with_the_way_out():
+    with pytest.raises(RuntimeError, match="A step that skips a batch .* cannot on a pipeline.*out in the data"):
+        _fit_one_process(SkipsABatch())
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
