@@ -459,7 +459,10 @@ class AsyncRuntime:
         for leaves in sets.values():
             self.store.lend_grads(leaves)
         with _reading_all(self.store, self.policy, self.alpha, list(sets.values())), self.weight_grads.deferring():
-            torch.autograd.backward(total)
+            if len(sets) == 1:
+                self._as_in_forward(next(iter(sets.values())), [total], None)
+            else:  # (forwards that read several versions: rerun code reads the live weights)
+                torch.autograd.backward(total)
         for leaves in sets.values():
             self._retarget(leaves)
         self.weight_grads.flush()
@@ -485,7 +488,7 @@ class AsyncRuntime:
                     record = mb.micro[j]
                     pairs = self.comm.recv_gradients(record.outputs, record.grads)
                     if pairs:
-                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                        self._as_in_forward(leaves, [o for o, _ in pairs], [g for _, g in pairs])
                     self._send_gradients(mb, j)
             self._retarget(leaves)
             self.store.harvest(leaves)
@@ -505,10 +508,20 @@ class AsyncRuntime:
             pairs = self.comm.recv_gradients(out, record.grads)
             if pairs:
                 with self.weight_grads.deferring():
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    self._as_in_forward(leaves, [o for o, _ in pairs], [g for _, g in pairs])
             self._send_gradients(mb, j)
         self._retarget(leaves)
         self.store.harvest(leaves)
+
+    def _as_in_forward(self, leaves: LeafSet, outputs: list[Tensor], grads: list[Tensor] | None) -> None:
+        """Back-propagate with the stage's parameters replaced by ``leaves``, as in the forwards: code the backward
+        reruns (``torch.utils.checkpoint``'s recomputation) reads the leaves, whose storage holds the weights this
+        backward reads, instead of the live parameters."""
+
+        def backward() -> None:
+            torch.autograd.backward(outputs, grads)
+
+        functional_call(self._call, dict(zip(self._call_names, leaves.leaves, strict=True)), (backward,), strict=False)
 
     @contextmanager
     def _drawing_again(self, rng: Any) -> Iterator[None]:

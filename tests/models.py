@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -319,6 +320,40 @@ class SkipsABatch(StemNetHead):
 
     def training_step(self, batch, batch_idx):
         return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+
+class _Block(nn.Module):
+    def __init__(self, layer: nn.Module, checkpointed: bool, reentrant: bool) -> None:
+        super().__init__()
+        self.layer, self.checkpointed, self.reentrant = layer, checkpointed, reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and self.training:  # activation checkpointing, as Hugging Face models do it
+            return checkpoint(self.layer, x, use_reentrant=self.reentrant)
+        return self.layer(x)
+
+
+class PlainBlocks(StemNetHead):
+    """The pipelined layers (a dropout among them) wrapped in blocks; :class:`CheckpointedBlocks` checkpoints them."""
+
+    checkpointed = reentrant = False
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.net.insert(1, nn.Dropout(0.25))
+        self.net = nn.Sequential(*(_Block(layer, self.checkpointed, self.reentrant) for layer in self.net))
+
+
+class CheckpointedBlocks(PlainBlocks):
+    """Each block's forward rerun in the backward (``torch.utils.checkpoint``), dropout masks drawn again."""
+
+    checkpointed = True
+
+
+class ReentrantCheckpointedBlocks(PlainBlocks):
+    """:class:`CheckpointedBlocks` with the reentrant checkpoint (``use_reentrant=True``, older code's default)."""
+
+    checkpointed = reentrant = True
 
 
 class WithExampleInput(StemNetHead):

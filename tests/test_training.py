@@ -202,6 +202,28 @@ def test_a_recomputed_forward_draws_its_dropout_masks_again(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "schedule, rule, n, model",
+    [
+        ("gpipe", "graph", "2", "CheckpointedBlocks"),
+        ("timeprest_i", "graph", "2", "CheckpointedBlocks"),
+        ("timeprest_i", "recompute", "2", "CheckpointedBlocks"),
+        ("pipedream", "graph", "1", "CheckpointedBlocks"),
+        ("timeprest_i", "graph", "2", "ReentrantCheckpointedBlocks"),
+    ],
+)
+def test_activation_checkpointing_inside_a_stage_trains_as_without_it(tmp_path, schedule, rule, n, model):
+    """torch.utils.checkpoint reruns a block's forward in the backward, reading the block's parameters then: it
+    must read the weights the backward reads (I-TiMePReSt's intermediate, pipedream's stashed ones), not the live
+    ones, and draw the same dropout masks; training then equals training without checkpointing, exactly (before,
+    the asynchronous policies took the gradients at the live weights)."""
+    args = ("--epochs", "2", "--n", n, "--devices", "2", "--schedule", schedule, "--rule", rule)
+    plain = train(tmp_path, "plain", "--model", "PlainBlocks", *args)
+    checkpointed = train(tmp_path, "checkpointed", "--model", model, *args)
+    assert_same_params(plain["state_dict"], checkpointed["state_dict"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
 def test_a_model_with_an_example_input_trains_with_the_summary_and_the_graph_logger(tmp_path, reference, schedule):
     """Lightning's model summary and TensorBoard's log_graph call the model on example_input_array outside any
