@@ -303,7 +303,7 @@ class AsyncDriver:
             if runtime.is_last:  # keep the running metric state of the mini-batches after this one
                 current = metrics.metric_states(module, logged)
                 metrics.replay(module, logged, states)
-                metrics.restore_states(module, current)
+                metrics.restore_states(module, current, module.device)
             else:
                 metrics.replay(module, logged, states)
 

@@ -16,7 +16,10 @@ elsewhere. Before each epoch-end hook the LightningModule defines (``on_train_ep
 ``on_validation_epoch_end``, ``on_test_epoch_end``, ``on_predict_epoch_end``), the lists and dicts it holds as
 attributes are made the last stage's on every rank of the pipeline (tensors onto each rank's device), so the hook
 runs everywhere, as on one device, on what the steps collected. A step runs once per micro-batch, so a list
-collects one entry per micro-batch.
+collects one entry per micro-batch. The same holds for torchmetrics: a ``Metric`` updated in a step and computed in
+the epoch-end hook (``self.acc.update(preds, y)`` in the step, ``self.log("acc", self.acc.compute())`` in the
+hook: torchmetrics' own pattern) had its state on the last stage only, and rank 0's loggers got the metric of
+nothing; every ``Metric`` the module holds gets the last stage's state with the lists.
 
 Only plain data travels: a list or dict holding anything else (a module, a function) is left as each rank has
 it, since a copy would not be the object the list refers to.
@@ -32,6 +35,8 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
+
+from lightning_timeprest import metrics
 
 if TYPE_CHECKING:
     from lightning_timeprest.stage import Stage
@@ -68,16 +73,19 @@ def _lightning_base(module: Any) -> type:
 
 
 def give_collected(module: Any, stage: Stage, baseline: set[str]) -> None:
-    """Make the module's collected lists and dicts the last stage's on every rank of the pipeline (a collective)."""
+    """Make the module's collected lists and dicts, and its metrics' states, the last stage's on every rank of the
+    pipeline (a collective)."""
     is_last = stage.index == stage.last_stage
-    # (detached: a tensor still in a graph does not travel, and the other ranks have no graph for it)
-    payload = (
-        apply_to_collection(_collectors(module, baseline), Tensor, lambda t: t.detach().cpu()) if is_last else None
-    )
+    payload = None
+    if is_last:  # (detached: a tensor still in a graph does not travel, and the other ranks have no graph for it)
+        collected = apply_to_collection(_collectors(module, baseline), Tensor, lambda t: t.detach().cpu())
+        payload = collected, metrics.states_of(module, metrics.metric_paths(module))
     received = stage.comm.broadcast_object(payload, stage.last_stage)
     if is_last:
         return
-    for name, value in move_data_to_device(received, stage.device).items():
+    collected, states = received
+    metrics.restore_states(module, states, stage.device)
+    for name, value in move_data_to_device(collected, stage.device).items():
         current = vars(module).get(name)
         if isinstance(current, list) and isinstance(value, list):
             current[:] = value  # in place: the user may hold the list elsewhere too

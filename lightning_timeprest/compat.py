@@ -37,6 +37,7 @@ __all__ = [
     "buffer_table",
     "call_hooks",
     "causal_mask_check",
+    "compute_locally",
     "data_source",
     "disable_distributed_sampler",
     "keep_random_state",
@@ -183,6 +184,17 @@ def metric_bookkeeping(metric: Any) -> tuple[int, Any, Any]:
 
 def set_metric_bookkeeping(metric: Any, update_count: int, forward_cache: Any, computed: Any = None) -> None:
     metric._update_count, metric._forward_cache, metric._computed = update_count, forward_cache, computed
+
+
+def compute_locally(metric: Any) -> Any:
+    """``metric.compute()`` over this process's state alone, without the sync over its process group that
+    ``compute()`` does by default (``_to_sync``), as the value of a step's ``forward`` is."""
+    before = metric._to_sync
+    metric._to_sync = False
+    try:
+        return metric.compute()
+    finally:
+        metric._to_sync = before
 
 
 # -- torch ----------------------------------------------------------------------------------------------------------

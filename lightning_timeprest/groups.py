@@ -23,10 +23,9 @@ class ProcessGroups:
     """One rank's process groups."""
 
     pipeline: PipelineGroups  # activations, gradients and control within this rank's pipeline
-    replica: Any  # this stage with its copies in the other replicas (the gradient average)
+    replica: Any  # this stage with its copies in the other replicas (the gradient average; torchmetrics' syncs)
     world: Any  # gloo, every rank: agreements at setup, rank 0's broadcasts of logged values
     sigterm: Any  # gloo, every rank: the SIGTERM flags
-    metric: Any  # this rank alone: torchmetrics syncs over its process_group on compute()
     num_replicas: int
 
     @property
@@ -44,11 +43,10 @@ def create_groups(world_size: int, rank: int, num_stages: int, backend: str, tim
     replica = [dist.new_group(ranks[s::w], backend=backend, timeout=timeout) for s in range(w)][rank % w]
     world = dist.new_group(ranks, backend="gloo", timeout=timeout)
     sigterm = dist.new_group(ranks, backend="gloo", timeout=timeout)
-    metric = [dist.new_group([r], backend="gloo") for r in ranks][rank]
-    return ProcessGroups(pipeline, replica, world, sigterm, metric, replicas)
+    return ProcessGroups(pipeline, replica, world, sigterm, replicas)
 
 
 def destroy_groups(groups: ProcessGroups) -> None:
     destroy_pipeline_groups(groups.pipeline)
-    for group in (groups.metric, groups.replica, groups.world, groups.sigterm):
+    for group in (groups.replica, groups.world, groups.sigterm):
         dist.destroy_process_group(group)

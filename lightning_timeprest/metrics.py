@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +33,7 @@ from lightning_timeprest import compat
 __all__ = [
     "LogCapture",
     "LoggedValue",
+    "metric_paths",
     "metric_states",
     "metric_step_scope",
     "reduce_logged",
@@ -41,6 +42,7 @@ __all__ = [
     "restore_states",
     "set_process_groups",
     "silence_sync_dist_advice",
+    "states_of",
 ]
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
@@ -156,25 +158,28 @@ def reduce_logged(
 
 def metric_states(module: LightningModule, logged: Sequence[LoggedValue]) -> dict[str, dict[str, Any]]:
     """The state of every ``Metric`` in ``logged``, on CPU, ready to be sent to other stages."""
+    return states_of(module, dict.fromkeys(item.metric_path for item in logged if item.metric_path is not None))
+
+
+def metric_paths(module: torch.nn.Module) -> list[str]:
+    """The submodule path of every ``Metric`` the module holds."""
+    return [name for name, sub in module.named_modules() if isinstance(sub, Metric)]
+
+
+def states_of(module: torch.nn.Module, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The state of the ``Metric`` at each of ``paths``, on CPU (for :func:`restore_states` on another stage)."""
     states = {}
-    for item in logged:
-        if item.metric_path is not None and item.metric_path not in states:
-            metric = module.get_submodule(item.metric_path)
-            state = {
-                k: apply_to_collection(v, Tensor, lambda t: t.detach().cpu()) for k, v in metric.metric_state.items()
-            }
-            count, cache, _ = compat.metric_bookkeeping(metric)
-            extra = {"_update_count": count, "_forward_cache": cache}
-            states[item.metric_path] = {
-                "state": state,
-                **apply_to_collection(extra, Tensor, lambda t: t.detach().cpu()),
-            }
+    for path in paths:
+        metric = module.get_submodule(path)
+        state = {k: apply_to_collection(v, Tensor, lambda t: t.detach().cpu()) for k, v in metric.metric_state.items()}
+        count, cache, _ = compat.metric_bookkeeping(metric)
+        extra = {"_update_count": count, "_forward_cache": cache}
+        states[path] = {"state": state, **apply_to_collection(extra, Tensor, lambda t: t.detach().cpu())}
     return states
 
 
-def restore_states(module: LightningModule, states: dict[str, dict[str, Any]]) -> None:
-    """Set the ``Metric`` states saved by :func:`metric_states`."""
-    device = module.device
+def restore_states(module: torch.nn.Module, states: dict[str, dict[str, Any]], device: torch.device) -> None:
+    """Set the ``Metric`` states saved by :func:`states_of` (onto ``device``)."""
     for path, saved in states.items():
         metric = module.get_submodule(path)
         for key, value in saved["state"].items():
@@ -186,7 +191,7 @@ def restore_states(module: LightningModule, states: dict[str, dict[str, Any]]) -
 def replay(module: LightningModule, logged: Sequence[LoggedValue], states: dict[str, dict[str, Any]]) -> None:
     """Log the reduced values with Lightning's own ``self.log`` on this rank (outside any capture)."""
     device = module.device
-    restore_states(module, states)
+    restore_states(module, states, device)
     log = type(module).log  # the class's: a capture around this call (an instance attribute) does not apply
     for item in logged:
         if item.metric_path is not None:
@@ -215,15 +220,16 @@ def metric_step_scope(module: LightningModule) -> Iterator[None]:
         yield
     finally:
         for metric, state, count, forward_cache in saved:
-            cache = metric.compute() if compat.metric_bookkeeping(metric)[0] > 0 else forward_cache
+            # (the mini-batch's own value, as a step's forward gives it: not synced over the replicas)
+            cache = compat.compute_locally(metric) if compat.metric_bookkeeping(metric)[0] > 0 else forward_cache
             metric.merge_state(state)
             compat.set_metric_bookkeeping(metric, compat.metric_bookkeeping(metric)[0] + count, cache)
 
 
 def set_process_groups(module: torch.nn.Module, group: Any) -> dict[Metric, Any]:
-    """Point every torchmetrics ``Metric`` in ``module`` at ``group`` (each stage computes its metrics on its own,
-    synchronising over the replicas of its stage only); return their groups before, for
-    :func:`restore_process_groups`."""
+    """Point every torchmetrics ``Metric`` in ``module`` at ``group`` (the replicas of the stage: every stage holds
+    the last stage's metric states, so ``compute()`` syncs over the processes that saw other data, as under DDP);
+    return their groups before, for :func:`restore_process_groups`."""
     before = {m: m.process_group for m in module.modules() if isinstance(m, Metric)}
     for m in before:
         m.process_group = group

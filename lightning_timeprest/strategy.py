@@ -363,7 +363,7 @@ class PipelineStrategyMixin:
         averaging.average_stages(trainer, module)  # (also in a validate after fit: the callback swaps then too)
         self._hide_example_input(module)
         assert self._groups is not None
-        self._metric_groups_before = metrics.set_process_groups(module, self._groups.metric)
+        self._metric_groups_before = metrics.set_process_groups(module, self._groups.replica)
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -608,6 +608,37 @@ class PipelineStrategyMixin:
     def on_train_end(self) -> None:
         self._drain()
         super().on_train_end()
+
+    # -- collectives your code calls ------------------------------------------------------------------------
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        """Reduce over the data-parallel replicas (the ranks that see other data), as DDP reduces over its ranks:
+        the stages of one pipeline hold the same logged values, so a reduction over every rank would count each
+        value once per stage (a ``self.log(..., sync_dist=True, reduce_fx="sum")`` W-fold). ``group`` as given."""
+        if group is None and self._groups is not None:
+            if self._groups.replicas is None:
+                return tensor
+            group = self._groups.replicas
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        """Gather over the data-parallel replicas, stacked as DDP stacks its ranks' (one replica: ``(1, ...)``);
+        ``self.all_gather`` in your hooks gets each replica's value once, not once per stage. (``LightningModule``
+        passes the world group when you give none: it means the default here.)"""
+        if (group is None or group is torch.distributed.group.WORLD) and self._groups is not None:
+            if self._groups.replicas is None:
+                return tensor.unsqueeze(0)
+            group = self._groups.replicas
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """Every rank's decision (early stopping, checkpointing), as Lightning's: over every rank, stages too."""
+        flag = torch.tensor(int(decision), device=self.root_device)
+        flag = super().reduce(flag, group=torch.distributed.group.WORLD, reduce_op="sum")
+        return bool(flag == self.world_size) if all else bool(flag)
 
     # -- the end --------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 NUM_FEATURES, NUM_CLASSES = 8, 4
@@ -264,6 +265,35 @@ class ReturnsExtras(StemNetHead):
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         preds = logits.argmax(dim=1)
         return {"loss": loss, "acc": (preds == y).float().mean(), "preds": preds}
+
+
+class EpochEndMetrics(StemNetHead):
+    """torchmetrics' own pattern: metrics updated in ``validation_step`` and computed, logged and reset in
+    ``on_validation_epoch_end``; and the collectives such a hook may call (a ``sync_dist`` sum over the processes,
+    ``self.all_gather``)."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+        self.seen = SumMetric()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc)
+        self.acc.update(logits, y)
+        self.seen.update(torch.tensor(float(len(x))))
+
+    def on_validation_epoch_end(self):
+        self.log("val_acc_computed", self.acc.compute())
+        seen = self.seen.compute()
+        self.log("val_seen", seen)
+        self.log("val_seen_summed", seen, sync_dist=True, reduce_fx="sum")
+        self.log("val_gathered", float(self.all_gather(seen).numel()))  # one per process that saw other data
+        self.acc.reset()
+        self.seen.reset()
 
 
 class NamedSamples(StemNetHead):

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchmetrics import SumMetric
 
 from lightning_timeprest import collected
 
@@ -20,6 +21,7 @@ class Collecting(LightningModule):
         self.counts: dict[str, int] = {}
         self.frozen = [self.layer]  # references to modules: not data, never replaced
         self.epochs_seen = 0
+        self.seen = SumMetric()  # updated in the steps, computed in the hook
 
     def on_validation_epoch_end(self) -> None:
         self.epochs_seen += 1
@@ -43,6 +45,7 @@ def test_the_epoch_end_hooks_a_module_defines_take_the_last_stage_collected_valu
     last, first = Collecting(), Collecting()
     last.outputs += [torch.tensor([1.0]), torch.tensor([2.0, 3.0], requires_grad=True) * 1]  # one still in a graph
     last.counts["batches"] = 2
+    last.seen.update(torch.tensor(5.0))
     first_outputs = first.outputs
     wrapped = {rank: collected.install(m, _stage(rank, sent)) for rank, m in ((1, last), (0, first))}
     assert wrapped[0] == wrapped[1] == ["on_validation_epoch_end"]  # the only one the module defines
@@ -53,7 +56,8 @@ def test_the_epoch_end_hooks_a_module_defines_take_the_last_stage_collected_valu
     assert not first.outputs[1].requires_grad
     assert first.counts == {"batches": 2}
     assert first.frozen[0] is first.layer  # not data: left as it was
-    assert set(sent[0]) == {"outputs", "counts"}  # nothing of Lightning's own, no module references
+    assert float(first.seen.compute()) == 5.0  # the metric's state, the last stage's
+    assert set(sent[0][0]) == {"outputs", "counts"}  # nothing of Lightning's own, no module references
     collected.uninstall(first, wrapped[0])
     assert "on_validation_epoch_end" not in vars(first)
 

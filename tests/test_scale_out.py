@@ -53,6 +53,17 @@ def test_weight_averaging_over_two_replicas_of_a_pipeline_equals_ddp(tmp_path):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
 
 
+def test_the_collectives_of_a_hook_over_two_replicas_of_a_pipeline_equal_ddps(tmp_path):
+    """``sync_dist`` sums and ``self.all_gather`` in an epoch-end hook reduce over the replicas (the processes that
+    see other data), as over DDP's processes, and not over the stages as well."""
+    args = ("--model", "EpochEndMetrics", "--epochs", "1", "--val")
+    ref = train(tmp_path, "ddp_hooks", "--ddp", "--devices", "2", *args)
+    got = train(tmp_path, "dpxpp_hooks", "--devices", "4", "--stages", "2", "--schedule", "gpipe", *args)
+    for key in ("val_acc", "val_seen", "val_seen_summed", "val_gathered", "val_acc_computed"):
+        assert got["epochs"][0][key] == pytest.approx(ref["epochs"][0][key], abs=1e-6), key
+    assert ref["epochs"][0]["val_gathered"] == 2 and ref["epochs"][0]["val_seen"] == 100
+
+
 def test_two_nodes_with_lightnings_launcher(tmp_path, ddp_reference):
     """One launch per node with NODE_RANK and the master's address (LightningEnvironment); each node's launcher
     starts its second process."""

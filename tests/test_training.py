@@ -158,6 +158,23 @@ def test_what_training_step_returns_besides_the_loss_reaches_on_train_batch_end(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_v"])
+def test_metrics_computed_in_the_epoch_end_hook_and_the_hooks_collectives(tmp_path, reference, schedule):
+    """A Metric updated in the step (on the last stage) and computed in the epoch-end hook (on every rank) gives
+    the logged Metric's value on rank 0 too (before, the metric of nothing); a ``sync_dist`` sum and
+    ``self.all_gather`` count one pipeline once, as one process (before, once per stage)."""
+    args = ("--model", "EpochEndMetrics", "--epochs", "2", "--n", "2", "--val")
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", schedule)
+    for epoch in got["epochs"]:
+        assert epoch["val_acc_computed"] == pytest.approx(epoch["val_acc"], abs=1e-6)
+        assert epoch["val_seen"] == epoch["val_seen_summed"] == 100
+        assert epoch["val_gathered"] == 1
+    if schedule == "gpipe":
+        for ours, ref in zip(got["epochs"], reference(*args)["epochs"], strict=True):
+            assert ours["val_acc_computed"] == pytest.approx(ref["val_acc_computed"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_v"])
 def test_lists_of_strings_in_the_batch_split_with_the_samples(tmp_path, reference, schedule):
     """Each sample's name (a list of strings from default_collate) goes with its sample into the micro-batches:
     the loss weighs the samples by their names, so gpipe equals one device only if each micro-batch gets its own;
