@@ -418,6 +418,36 @@ def unplace(placement: Placement, module: nn.Module, tensors: Mapping[str, Tenso
 # -- module surgery ------------------------------------------------------------------------------------------------
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def sync_batch_norms(module: nn.Module, group: Any) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Lightning's ``sync_batchnorm=True`` on a pipeline: make each batch-norm layer this rank holds a
+    ``SyncBatchNorm`` over ``group`` (the stage's replicas, the processes that see other data, as DDP syncs over
+    its processes; never over the stages, whose layers differ), with the same parameters and buffers. Layers of
+    other stages (on the meta device, or released) are left. Returns what :func:`unsync_batch_norms` puts back."""
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _BATCH_NORMS) and _whole_norm(child):
+                parent.add_module(name, nn.SyncBatchNorm.convert_sync_batchnorm(child, group))
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def unsync_batch_norms(swapped: Sequence[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put the batch-norm layers :func:`sync_batch_norms` replaced back (they share their tensors)."""
+    for parent, name, original in swapped:
+        parent.add_module(name, original)
+
+
+def _whole_norm(norm: nn.Module) -> bool:
+    params, buffers = dict(norm.named_parameters(recurse=False)), dict(norm.named_buffers(recurse=False))
+    tracked = not norm.track_running_stats or {"running_mean", "running_var"} <= buffers.keys()
+    affine = not norm.affine or {"weight", "bias"} <= params.keys()
+    return tracked and affine and not any(t.is_meta for t in [*params.values(), *buffers.values()])
+
+
 @contextmanager
 def _ties_kept(module: nn.Module) -> Iterator[None]:
     """Keep tied parameters tied through materialisation (``to_empty`` gives each module its own new tensor)."""

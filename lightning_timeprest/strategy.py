@@ -51,7 +51,15 @@ from lightning_timeprest.costs import OpClock, measure_op_costs
 from lightning_timeprest.errors import PipelineConfigError
 from lightning_timeprest.groups import ProcessGroups, create_groups, destroy_groups
 from lightning_timeprest.partition import format_table
-from lightning_timeprest.placement import Placement, PlacementSpec, parameters_on_meta, place, unplace
+from lightning_timeprest.placement import (
+    Placement,
+    PlacementSpec,
+    parameters_on_meta,
+    place,
+    sync_batch_norms,
+    unplace,
+    unsync_batch_norms,
+)
 from lightning_timeprest.precision import PipelinePrecision, uses_gradient_hooks
 from lightning_timeprest.runtime import PipelineRuntime, StageRunner
 from lightning_timeprest.schedules import SCHEDULES, OpCosts, OrderChoice
@@ -203,6 +211,7 @@ class PipelineStrategyMixin:
         self._deferred_averaging: list[Any] = []  # weight-averaging callbacks whose setup makes no whole copy
         self._stage_stats = StageStatistics()
         self._metric_groups_before: dict[Metric, Any] = {}
+        self._synced_norms: list[tuple[Any, str, Any]] = []  # (sync_batchnorm=True with replicas)
         self._final_optimizer_states: dict[int, dict[str, Any]] = {}
         self._failed = False
         #: the partition table printed at fit start: a header row, then one row per stage
@@ -358,7 +367,9 @@ class PipelineStrategyMixin:
             compat.disable_distributed_sampler(trainer)
         metrics.silence_sync_dist_advice(one_pipeline=self.num_replicas == 1)
         self._place(module)
-        assert self._stage is not None
+        assert self._stage is not None and self._groups is not None
+        if fitting and self._layer_sync is not None and self.num_replicas > 1:
+            self._synced_norms = self._sync_layers(module)
         self._collecting = collected.install(module, self._stage)
         averaging.average_stages(trainer, module)  # (also in a validate after fit: the callback swaps then too)
         self._hide_example_input(module)
@@ -375,6 +386,21 @@ class PipelineStrategyMixin:
             self._replace_sigterm_barrier(trainer)
             if self.is_asynchronous:
                 self._start_async(module)
+
+    def _sync_layers(self, module: Any) -> list[tuple[Any, str, Any]]:
+        """``Trainer(sync_batchnorm=True)``: batch norm synced over the stage's replicas (placement.py)."""
+        assert self._groups is not None
+        if type(self._layer_sync).__name__ != "TorchSyncBatchNorm":
+            raise PipelineConfigError(
+                f"{type(self._layer_sync).__name__} is not supported by pipeline strategies: only Lightning's own "
+                "TorchSyncBatchNorm (Trainer(sync_batchnorm=True)), which syncs over the stage's replicas"
+            )
+        if self.root_device.type == "cpu":
+            raise PipelineConfigError(
+                "sync_batchnorm=True needs GPUs: SyncBatchNorm syncs accelerator tensors only (Lightning's DDP refuses "
+                "it on the CPU too); remove it, or train on GPUs"
+            )
+        return sync_batch_norms(module, self._groups.replica)
 
     def _hide_example_input(self, module: Any) -> None:
         """Set ``example_input_array`` aside while the stages are placed (given back at teardown). Lightning's model
@@ -670,6 +696,8 @@ class PipelineStrategyMixin:
             if self._example_input is not None:
                 module.example_input_array = self._example_input
         self._collecting, self._example_input = [], None
+        unsync_batch_norms(self._synced_norms)  # (before the stages' tensors are put back by name)
+        self._synced_norms = []
         averaged = self._unplace(gather=not self._failed)
         metrics.restore_process_groups(self._metric_groups_before)
         self._metric_groups_before = {}

@@ -13,6 +13,7 @@ from lightning_timeprest.partition import (
     plan_sequential,
     plan_stages,
 )
+from lightning_timeprest.placement import sync_batch_norms, unsync_batch_norms
 from lightning_timeprest.runtime import StageModule
 
 
@@ -120,3 +121,17 @@ def test_a_stage_module_indexes_as_the_original_sequential():
     with pytest.raises(AttributeError, match="layers.0 is held by another stage of the pipeline: no 'weight'"):
         stage[0].weight  # noqa: B018
     assert [n for n, _ in stage.named_parameters()] == ["2.weight", "2.bias"]  # what the stage holds, unchanged
+
+
+def test_sync_batchnorm_turns_the_batch_norms_this_rank_holds_into_synced_ones_over_the_replicas():
+    """Trainer(sync_batchnorm=True) under data-parallel replicas: the batch norms of this stage sync over the
+    stage's replicas (the group given), keeping their tensors; another stage's (meta) stay; all come back after."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Sequential(nn.BatchNorm1d(4, device="meta")))
+    held, elsewhere = model[1], model[2][0]
+    group = object()  # (stands in for the replicas' process group: conversion only records it)
+    swapped = sync_batch_norms(model, group)
+    assert isinstance(model[1], nn.SyncBatchNorm) and model[1].process_group is group
+    assert model[1].weight is held.weight and model[1].running_mean is held.running_mean
+    assert model[2][0] is elsewhere
+    unsync_batch_norms(swapped)
+    assert model[1] is held and model[2][0] is elsewhere

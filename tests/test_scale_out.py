@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SCRIPT, assert_same_params, clean_env, train
+from conftest import SCRIPT, assert_same_params, clean_env, run_script, train
 from processes import free_port
 
 pytestmark = pytest.mark.slow  # multi-process training runs (the fast subset: -m 'not slow')
@@ -62,6 +62,17 @@ def test_the_collectives_of_a_hook_over_two_replicas_of_a_pipeline_equal_ddps(tm
     for key in ("val_acc", "val_seen", "val_seen_summed", "val_gathered", "val_acc_computed"):
         assert got["epochs"][0][key] == pytest.approx(ref["epochs"][0][key], abs=1e-6), key
     assert ref["epochs"][0]["val_gathered"] == 2 and ref["epochs"][0]["val_seen"] == 100
+
+
+def test_sync_batchnorm_syncs_over_the_replicas_as_ddp_does(tmp_path):
+    """Trainer(sync_batchnorm=True) with replicas makes the batch norms SyncBatchNorm over the stage's replicas (the
+    conversion: test_partition), as DDP makes them over its processes; SyncBatchNorm syncs accelerator tensors
+    only, so on the CPU both refuse it at start. Before, the flag was ignored under a pipeline."""
+    args = ("--model", "BatchNormNet", "--epochs", "1", "--sync-bn")
+    ddp = run_script(tmp_path, *args, "--ddp", "--devices", "2", "--out", str(tmp_path / "ddp.pt"), check=False)
+    assert ddp.returncode != 0 and "SyncBatchNorm layers only work with GPU modules" in ddp.stderr
+    ours = run_script(tmp_path, *args, "--devices", "4", "--stages", "2", "--out", str(tmp_path / "pp.pt"), check=False)
+    assert ours.returncode != 0 and "sync_batchnorm=True needs GPUs" in ours.stderr
 
 
 def test_two_nodes_with_lightnings_launcher(tmp_path, ddp_reference):

@@ -244,6 +244,7 @@ def main() -> None:
     p.add_argument(
         "--mask-hook", action="store_true", help="hooks on net's parameters zero the first half of their gradients"
     )
+    p.add_argument("--sync-bn", action="store_true", help="Trainer(sync_batchnorm=True)")
     p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
     p.add_argument("--accelerator", default="cpu", help="cpu|gpu (the GPU check script)")
     p.add_argument("--out", required=True)
@@ -321,6 +322,7 @@ def main() -> None:
         precision=None if args.fp16 else args.precision,
         gradient_clip_val=args.clip,
         gradient_clip_algorithm=args.clip_algorithm,
+        sync_batchnorm=args.sync_bn,
         plugins=plugins,
         limit_val_batches=1.0 if args.val else 0,
         num_sanity_val_steps=2 if args.val else 0,
