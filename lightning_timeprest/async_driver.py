@@ -195,8 +195,6 @@ class AsyncDriver:
         self.last_loss = float("nan")
         self.last_extras: dict[str, Any] | None = None  # what that mini-batch's training_step returned besides
         self._clock = time.perf_counter()
-        store_index = {id(p): i for i, p in enumerate(self.engine.store.params)}
-        self._replicated_index = [store_index.get(id(p)) if p is not None else None for p in stage.replicated_local]
         self.owners = [r.source for r in stage.placement.replicated]  # which stage trains each replicated parameter
 
     def _stage_update(self, loss: Tensor, backward: Callable[[Tensor], None], **kwargs: Any) -> bool:
@@ -344,8 +342,8 @@ class AsyncDriver:
         if not replicated or stage.num_stages == 1:
             return
         flags = torch.zeros(len(replicated), stage.num_stages)
-        for i, index in enumerate(self._replicated_index):
-            if index is not None and index in self.engine.trained:
+        for i, p in enumerate(stage.replicated_local):
+            if p is not None and id(p) in self.engine.trained:
                 flags[i, stage.index] = 1.0
         stage.comm.all_reduce_sum(flags)
         for i, r in enumerate(replicated):

@@ -142,8 +142,7 @@ class AsyncRuntime:
             self.max_inflight = self.order.max_inflight
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
-        named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and not p.is_meta]
-        self.store = VersionStore([n for n, _ in named], [p for _, p in named])
+        self.store = self._new_store()
         self._call_names = [f"m.{n}" for n in self.store.names]  # the names functional_call replaces, via _Call
         # (a traced stage reads the user's modules' own tensor tables, so replacing tensors there reaches it too)
         self._call = _Call(root)
@@ -157,7 +156,7 @@ class AsyncRuntime:
         self.trace: list[list[TraceEntry]] = [[]]
         #: per stream, the order it was generated in
         self.stream_orders: list[NF1BOrder] = []
-        self.trained: set[int] = set()  # indexes into store.params that received a gradient
+        self.trained: set[int] = set()  # ids of the parameters that received a gradient
         self._reset_stream()
         self.stats = StepStats()
         #: how long this stage's ops took (the costs the order is re-derived from)
@@ -168,6 +167,22 @@ class AsyncRuntime:
         self._skips_heard = 0  # last stage: the upstream skips its loss scale has backed off for
 
     # -- stream state ---------------------------------------------------------------------------------------
+
+    def _new_store(self) -> VersionStore:
+        named = [(n, p) for n, p in self.root.named_parameters() if p.requires_grad and not p.is_meta]
+        return VersionStore([n for n, _ in named], [p for _, p in named])
+
+    def _follow_trainable(self) -> None:
+        """At the start of a stream (nothing in flight): if the parameters that train changed since the store was
+        made (layers frozen or unfrozen between epochs, as ``BackboneFinetuning`` does), version those instead.
+        A parameter left out of the store would be read and updated in place, unversioned, under pending graphs."""
+        trainable = [p for p in self.root.parameters() if p.requires_grad and not p.is_meta]
+        if [id(p) for p in trainable] == [id(p) for p in self.store.params]:
+            return
+        self.store = self._new_store()
+        self._call_names = [f"m.{n}" for n in self.store.names]
+        if self.policy.forward == "vertical" and not self.is_first:
+            self.store.keep_versions_from(0)
 
     def _reset_stream(self) -> None:
         self.stream_orders = [*self.stream_orders[: len(self.trace) - 1], self.order]
@@ -199,6 +214,8 @@ class AsyncRuntime:
         In dynamic mode the step also waits, running backwards as they become ready, until ``until()`` holds
         (the driver's: the step results it must replay now have arrived)."""
         k = self.newest + 1
+        if k == 0:
+            self._follow_trainable()
         self.newest = k
         self.pending[k] = _MiniBatch(k, call_user, weights, sizes, [g["lr"] for g in self.optimizer.param_groups])
         done_before = self.next_backward
@@ -420,9 +437,9 @@ class AsyncRuntime:
     def _stepping(self, mb: _MiniBatch) -> Iterator[None]:
         """Around the optimizer step of ``mb``'s update: what trained, the stale versions let go, the step timed and
         made a new weight version."""
-        for i, p in enumerate(self.store.params):
+        for p in self.store.params:
             if p.grad is not None:
-                self.trained.add(i)
+                self.trained.add(id(p))
         for record in mb.micro.values():  # the backward is done: its stale version is needed no more
             if record.pinned:
                 self.store.unpin(record.version)

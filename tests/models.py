@@ -296,6 +296,22 @@ class EpochEndMetrics(StemNetHead):
         self.seen.reset()
 
 
+class WithBackbone(StemNetHead):
+    """The pipelined ``nn.Sequential`` is ``self.backbone``, as Lightning's ``BackboneFinetuning`` expects; the
+    optimizer gets what trains at the start (the callback adds the backbone's group when it unfreezes it)."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.backbone = self.net
+        del self.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.backbone(torch.tanh(self.stem(x)))))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
 class NamedSamples(StemNetHead):
     """Batches carry each sample's name (a list of strings) beside the tensors: the loss weighs each sample by a
     number read from its name, the step returns the names, ``predict_step`` returns them with the classes."""

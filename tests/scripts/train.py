@@ -17,6 +17,7 @@ import time
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import (
+    BackboneFinetuning,
     EarlyStopping,
     EMAWeightAveraging,
     LearningRateMonitor,
@@ -244,6 +245,7 @@ def main() -> None:
     p.add_argument(
         "--mask-hook", action="store_true", help="hooks on net's parameters zero the first half of their gradients"
     )
+    p.add_argument("--unfreeze-at", type=int, default=-1, help="BackboneFinetuning unfreezing at this epoch")
     p.add_argument("--sync-bn", action="store_true", help="Trainer(sync_batchnorm=True)")
     p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
     p.add_argument("--accelerator", default="cpu", help="cpu|gpu (the GPU check script)")
@@ -255,6 +257,8 @@ def main() -> None:
     seed_everything(0)
     record = Record()
     callbacks: list[Callback] = [record]
+    if args.unfreeze_at >= 0:
+        callbacks.append(BackboneFinetuning(unfreeze_backbone_at_epoch=args.unfreeze_at))
     if args.die_step >= 0:
         callbacks.append(Die(args.die_rank, args.die_step))
     if args.sigterm_step >= 0:
