@@ -3,6 +3,9 @@ single-device training can be compared exactly."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -63,11 +66,16 @@ class StemNetHead(LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
+        self._validate(batch)
+
+    def _validate(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log the validation loss and accuracy of ``batch``; return its logits and labels."""
         x, y = self._unpack(batch)
         logits = self(x)
         self.log("val_loss", F.cross_entropy(logits, y))
         self.val_acc(logits, y)
         self.log("val_acc", self.val_acc)
+        return logits, y
 
     def test_step(self, batch, batch_idx):
         x, y = self._unpack(batch)
@@ -88,37 +96,27 @@ class StemNetHead(LightningModule):
         return optimizer
 
 
-class DictBatch(torch.utils.data.Dataset):
-    def __init__(self, base: TensorDataset) -> None:
-        self.base = base
+class Reshaped(torch.utils.data.Dataset):
+    """``base``'s samples ``(x, y)`` as ``make(i, x, y)`` makes them."""
+
+    def __init__(self, base: TensorDataset, make: Callable[[int, torch.Tensor, torch.Tensor], Any]) -> None:
+        self.base, self.make = base, make
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> dict:
-        x, y = self.base[i]
-        return {"x": x, "y": y, "meta": "sample"}
+    def __getitem__(self, i: int) -> Any:
+        return self.make(i, *self.base[i])
 
 
 def dict_loader(batch_size: int = 18, num_samples: int = 100) -> DataLoader:
-    return DataLoader(DictBatch(dataset(num_samples)), batch_size=batch_size, shuffle=False)
-
-
-class Named(torch.utils.data.Dataset):
-    """(x, y, name): ``default_collate`` leaves the names a list of strings, one per sample."""
-
-    def __init__(self, base: TensorDataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> tuple:
-        return (*self.base[i], f"s{i}")
+    samples = Reshaped(dataset(num_samples), lambda i, x, y: {"x": x, "y": y, "meta": "sample"})
+    return DataLoader(samples, batch_size=batch_size, shuffle=False)
 
 
 def named_loader(batch_size: int = 18, num_samples: int = 100) -> DataLoader:
-    return DataLoader(Named(dataset(num_samples)), batch_size=batch_size, shuffle=False)
+    """(x, y, name): ``default_collate`` leaves the names a list of strings, one per sample."""
+    return DataLoader(Reshaped(dataset(num_samples), lambda i, x, y: (x, y, f"s{i}")), batch_size=batch_size)
 
 
 VOCAB = 12
@@ -243,11 +241,7 @@ class CollectsOutputs(StemNetHead):
         self.training_step_outputs.clear()
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.val_acc(logits, y)
-        self.log("val_acc", self.val_acc)
+        logits, y = self._validate(batch)
         self.validation_step_outputs.append(logits.argmax(dim=1) == y)
 
     def on_validation_epoch_end(self):
@@ -278,13 +272,9 @@ class EpochEndMetrics(StemNetHead):
         self.seen = SumMetric()
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.val_acc(logits, y)
-        self.log("val_acc", self.val_acc)
+        logits, y = self._validate(batch)
         self.acc.update(logits, y)
-        self.seen.update(torch.tensor(float(len(x))))
+        self.seen.update(torch.tensor(float(len(y))))
 
     def on_validation_epoch_end(self):
         self.log("val_acc_computed", self.acc.compute())
