@@ -142,8 +142,7 @@ class AsyncRuntime:
             self.max_inflight = self.order.max_inflight
         self.is_first = stage == 0
         self.is_last = stage == num_stages - 1
-        self.store = self._new_store()
-        self._call_names = [f"m.{n}" for n in self.store.names]  # the names functional_call replaces, via _Call
+        self._version(self._trainable())  # self.store, self._call_names
         # (a traced stage reads the user's modules' own tensor tables, so replacing tensors there reaches it too)
         self._call = _Call(root)
         #: the stage's Linear layers take their weight gradients once per mini-batch backward (weight_gradients)
@@ -168,21 +167,23 @@ class AsyncRuntime:
 
     # -- stream state ---------------------------------------------------------------------------------------
 
-    def _new_store(self) -> VersionStore:
-        named = [(n, p) for n, p in self.root.named_parameters() if p.requires_grad and not p.is_meta]
-        return VersionStore([n for n, _ in named], [p for _, p in named])
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.root.named_parameters() if p.requires_grad and not p.is_meta]
+
+    def _version(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Keep the weight versions of ``named`` (the stage's parameters that train), in a new store."""
+        self.store = VersionStore([n for n, _ in named], [p for _, p in named])
+        self._call_names = [f"m.{n}" for n in self.store.names]  # the names functional_call replaces, via _Call
 
     def _follow_trainable(self) -> None:
         """At the start of a stream (nothing in flight): if the parameters that train changed since the store was
         made (layers frozen or unfrozen between epochs, as ``BackboneFinetuning`` does), version those instead.
         A parameter left out of the store would be read and updated in place, unversioned, under pending graphs."""
-        trainable = [p for p in self.root.parameters() if p.requires_grad and not p.is_meta]
-        if [id(p) for p in trainable] == [id(p) for p in self.store.params]:
-            return
-        self.store = self._new_store()
-        self._call_names = [f"m.{n}" for n in self.store.names]
-        if self.policy.forward == "vertical" and not self.is_first:
-            self.store.keep_versions_from(0)
+        named = self._trainable()
+        if [id(p) for _, p in named] != [id(p) for p in self.store.params]:
+            self._version(named)
+            if self.policy.forward == "vertical" and not self.is_first:
+                self.store.keep_versions_from(0)  # (as _reset_stream leaves a fresh stream)
 
     def _reset_stream(self) -> None:
         self.stream_orders = [*self.stream_orders[: len(self.trace) - 1], self.order]

@@ -373,7 +373,6 @@ class PipelineStrategyMixin:
         self._collecting = collected.install(module, self._stage)
         averaging.average_stages(trainer, module)  # (also in a validate after fit: the callback swaps then too)
         self._hide_example_input(module)
-        assert self._groups is not None
         self._metric_groups_before = metrics.set_process_groups(module, self._groups.replica)
         if fitting:
             self.setup_optimizers(trainer)

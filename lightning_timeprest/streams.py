@@ -34,7 +34,7 @@ class RandomStream:
     global generators where it draws."""
 
     def __init__(self, seed: int, device: torch.device) -> None:
-        self._outer: tuple[Tensor, Tensor | None] | None = None
+        self._outer: State | None = None  # the global generators' states while this stream draws
         self._cuda = torch.cuda.default_generators[_index(device)] if device.type == "cuda" else None
         self.cpu: Tensor = torch.Generator().manual_seed(seed).get_state()
         self.cuda: Tensor | None = None
