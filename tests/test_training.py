@@ -210,7 +210,8 @@ def test_lists_of_strings_in_the_batch_split_with_the_samples(tmp_path, referenc
         for ours, theirs in zip(got["predictions"], ref["predictions"], strict=True):
             assert torch.equal(ours["classes"], theirs["classes"])
     else:  # a mini-batch's names with its lagging loss, once it completed
-        assert all(s["extras"]["names"] in names for s in got["steps"] if s["extras"])
+        steps = [s for s in got["steps"] if s["extras"]]
+        assert len(steps) >= len(got["steps"]) - 2 and all(s["extras"]["names"] in names for s in steps)
 
 
 @pytest.mark.slow
