@@ -11,6 +11,7 @@ properties, and so reads the base class's own ``_parallel_devices``, ``_precisio
 from __future__ import annotations
 
 import importlib
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,7 @@ from lightning.fabric.utilities.device_dtype_mixin import _update_properties
 from lightning.fabric.utilities.init import _EmptyInit
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe, annotate_split_points
 from torch.nn.modules import transformer as _transformer
 from torch.utils import _pytree as pytree
@@ -35,8 +37,10 @@ __all__ = [
     "assert_async",
     "average_model",
     "buffer_table",
+    "call_eagerly",
     "call_hooks",
     "causal_mask_check",
+    "compiled",
     "compute_locally",
     "data_source",
     "disable_distributed_sampler",
@@ -56,6 +60,7 @@ __all__ = [
     "skip_closure_backward",
     "submodule_table",
     "take_over_sigterm_handling",
+    "unwrap_compiled",
     "update_properties",
     "view_base",
 ]
@@ -275,3 +280,43 @@ def causal_mask_check() -> tuple[Callable[..., bool], Callable[..., torch.Tensor
 def set_causal_mask_check(check: Callable[..., bool]) -> None:
     """Replace the check ``nn.TransformerEncoder``/``nn.TransformerDecoder`` call (a module global)."""
     _transformer._detect_is_causal_mask = check
+
+
+def _call_original(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return self._orig_mod(*args, **kwargs)
+
+
+def compiled(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs compiled code: a ``torch.compile(m)`` wrapper (``OptimizedModule``) or a
+    module compiled in place (``m.compile()``)."""
+    return isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def call_eagerly(module: torch.nn.Module) -> Callable[[], None]:
+    """Make calls of the compiled ``module`` run its code uncompiled; return what puts its compiled call back.
+
+    A wrapper's ``forward`` (an instance attribute) calls the wrapped module directly instead of through dynamo,
+    and so reaches whatever is installed as ``_orig_mod`` (a stage); an in-place compiled module forgets its
+    compiled call."""
+    if isinstance(module, OptimizedModule):
+        forward = module.__dict__["forward"]
+        module.forward = types.MethodType(_call_original, module)
+
+        def restore() -> None:
+            module.forward = forward
+
+        return restore
+    impl = module._compiled_call_impl
+    module._compiled_call_impl = None
+
+    def restore_impl() -> None:
+        module._compiled_call_impl = impl
+
+    return restore_impl
+
+
+def unwrap_compiled(name: str, module: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """The module a ``torch.compile(m)`` wrapper holds and its dotted name (``name._orig_mod``); others as given."""
+    while isinstance(module, OptimizedModule):
+        name, module = (f"{name}._orig_mod" if name else "_orig_mod"), module._orig_mod
+    return name, module

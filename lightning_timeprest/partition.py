@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_timeprest import compat
 from lightning_timeprest.compat import pytree
 from lightning_timeprest.errors import PartitionError
 
@@ -101,6 +102,7 @@ def find_pipelined_module(
                 f"module_name={module_name!r} names no submodule of {type(root).__name__}; its children are "
                 f"{names or 'none'} (use '' for its own forward)"
             ) from None
+        module_name, module = compat.unwrap_compiled(module_name, module)
         traced = bool(split_points) or not isinstance(module, nn.Sequential)
         return Pipelined(module_name, module, traced, "named by module_name")
     best = max(sequentials, key=lambda item: _numel(item[1]), default=None)
@@ -108,7 +110,7 @@ def find_pipelined_module(
         return Pipelined(best[0], best[1], False, f"the largest nn.Sequential, {share(best[1])}")
     if called:
         name = max(called, key=lambda n: _numel(root.get_submodule(n)))  # the first of equals
-        module = root.get_submodule(name)
+        name, module = compat.unwrap_compiled(name, root.get_submodule(name))
         traced = bool(split_points) or not isinstance(module, nn.Sequential) or module is root
         why = "your step calls self(...)" if module is root else "of the modules your step calls, the largest"
         return Pipelined(name, module, traced, f"{why}, {share(module)}")

@@ -96,6 +96,7 @@ class Placement:
     sequential: nn.Sequential | None  # the user's pipelined nn.Sequential, put back by unplace()
     traced_module: nn.Module | None  # the user's traced module, whose forward was replaced by the stage's
     detached: list[tuple[nn.Module, str, str, Tensor]]  # other stages' tensors removed from the traced module
+    recompile: list[Callable[[], None]]  # put back the compiled calls of the modules holding the pipelined one
 
 
 @contextmanager
@@ -311,8 +312,26 @@ def place(module: nn.Module, spec: PlacementSpec) -> Placement:
     """Cut ``module``'s pipelined module into stages, keep this stage's part and release the rest (meta device)."""
     w, stage = spec.num_stages, spec.stage
     meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-    with sandbox(module):
-        cut = _cut(module, spec, meta)
+    # compiled modules run eagerly while the cut is found (sample runs, profiles, traces: no compiling at setup);
+    # those that hold the pipelined module stay so for the fit, since their compiled code would call the module
+    # that was cut, not the stage
+    eager = {name: compat.call_eagerly(sub) for name, sub in module.named_modules() if compat.compiled(sub)}
+    try:
+        with sandbox(module):
+            cut = _cut(module, spec, meta)
+    except BaseException:
+        for restore in eager.values():
+            restore()
+        raise
+    for name in [n for n in eager if not _encloses(n, cut.name)]:
+        eager.pop(name)()
+    if eager and spec.is_global_zero:
+        rank_zero_warn(
+            f"torch.compile of {[n or type(module).__name__ for n in eager]} is not applied on a pipeline: "
+            f"{cut.what} runs as stages, each in its own process, which one compiled graph cannot hold; it runs "
+            "uncompiled. Blocks of a pipelined nn.Sequential compiled in place (block.compile()) run compiled on "
+            "their stages"
+        )
     tm, prefix = cut.traced, f"{cut.name}." if cut.name else ""
     balance = [1] * w if spec.split_points else spec.balance
     if balance is None:
@@ -361,7 +380,13 @@ def place(module: nn.Module, spec: PlacementSpec) -> Placement:
         sequential=sequential,
         traced_module=traced_module,
         detached=detached,
+        recompile=list(eager.values()),
     )
+
+
+def _encloses(name: str, inner: str) -> bool:
+    """Whether the submodule called ``name`` is the one called ``inner`` or holds it ("" is the root)."""
+    return name == "" or inner == name or inner.startswith(f"{name}.")
 
 
 def _keep_own(
@@ -406,6 +431,8 @@ def unplace(placement: Placement, module: nn.Module, tensors: Mapping[str, Tenso
     empty) where this rank had released them."""
     if placement.sequential is not None:
         _install(module, placement.plan.module_name, placement.sequential)
+    for restore in placement.recompile:
+        restore()
     if placement.traced_module is not None:
         placement.traced_module.__dict__.pop("forward", None)
         for sub, kind, attr, placeholder in placement.detached:

@@ -392,6 +392,33 @@ class ReentrantCheckpointedBlocks(PlainBlocks):
     checkpointed = reentrant = True
 
 
+class CompiledNet(StemNetHead):
+    """The pipelined ``nn.Sequential`` wrapped by ``torch.compile`` (``self.net = torch.compile(self.net)``): its
+    parameters are named ``net._orig_mod.*``."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.net = torch.compile(self.net)
+
+
+class Blocks(StemNetHead):
+    """The pipelined layers in blocks (no dropout); :class:`CompiledBlocks` compiles each in place."""
+
+    compiled = False
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.net = nn.Sequential(*(_Block(layer, False, False) for layer in self.net))
+        for block in self.net if self.compiled else ():
+            block.compile()
+
+
+class CompiledBlocks(Blocks):
+    """Each block compiled in place (``block.compile()``)."""
+
+    compiled = True
+
+
 class WithExampleInput(StemNetHead):
     """``example_input_array`` set, as Lightning's docs suggest for the summary's sizes and TensorBoard's graph."""
 
@@ -470,6 +497,41 @@ class MultiInputNet(LightningModule):
     def configure_optimizers(self):
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr * 0.1)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class _GatedNet(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed, self.gate = nn.Linear(NUM_FEATURES, width), Gate(width)
+        self.mix, self.head = nn.Linear(width, width), nn.Linear(width, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))
+        return self.head(torch.tanh(self.mix(self.gate(h, mask))) + h)
+
+
+class CompiledModel(LightningModule):
+    """A model that is not an ``nn.Sequential`` (split by tracing), wrapped by ``torch.compile``; the steps call it."""
+
+    def __init__(self, lr: float = 0.1, width: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = torch.compile(_GatedNet(width))
+
+    def _loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x, mask=(x[:, :1] > -2).float().expand(-1, self.hparams.width)), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_timeprest import compat
 from lightning_timeprest.partition import (
     BlockCosts,
     PartitionError,
@@ -82,6 +83,33 @@ def test_find_pipelined_module_takes_the_largest_module_the_step_calls():
     seq_root = nn.ModuleDict({"small": nn.Sequential(nn.Linear(2, 2)), "big": nn.Linear(8, 8)})
     assert find_pipelined_module(seq_root, called=["small"])[:3] == ("small", seq_root["small"], False)
     assert find_pipelined_module(seq_root, "big", called=["small"]).reason == "named by module_name"
+
+
+def test_a_compiled_module_is_pipelined_through_its_wrapper():
+    """``torch.compile(m)`` wraps ``m`` (as ``_orig_mod``): the module found, named or called is the wrapped one;
+    :func:`compat.call_eagerly` makes the wrapper call whatever it holds, uncompiled, until put back."""
+    root = Model()
+    big = root.big
+    root.big = torch.compile(big)
+    assert compat.compiled(root.big) and not compat.compiled(big)
+    assert find_pipelined_module(root)[:3] == ("big._orig_mod", big, False)
+    assert find_pipelined_module(root, "big")[:3] == ("big._orig_mod", big, False)
+    assert find_pipelined_module(root, called=["big"])[:3] == ("big._orig_mod", big, False)
+    compiled_forward = root.big.forward
+    restore = compat.call_eagerly(root.big)
+    stage = nn.Linear(8, 8)
+    root.big._orig_mod = stage  # (what placement installs: a stage)
+    x = torch.randn(2, 8)
+    assert torch.equal(root.big(x), stage(x))
+    restore()
+    assert root.big.forward is compiled_forward
+    in_place = nn.Linear(2, 2)
+    in_place.compile()
+    assert compat.compiled(in_place)
+    restore = compat.call_eagerly(in_place)
+    assert not compat.compiled(in_place)
+    restore()
+    assert compat.compiled(in_place)
 
 
 def test_find_pipelined_module_errors():

@@ -193,6 +193,68 @@ def test_a_backbone_unfrozen_between_epochs_trains(tmp_path, reference, schedule
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
+def test_a_compiled_pipelined_module_trains_uncompiled(tmp_path, reference, schedule):
+    """``self.net = torch.compile(self.net)``: the wrapper's compiled code called the nn.Sequential that was cut
+    (other stages' layers on the meta device: it crashed). On a pipeline the wrapper calls the stage, uncompiled,
+    and a warning says so; the parameters keep the compiled model's names (``net._orig_mod.*``). gpipe equals one
+    device running the compiled model; timeprest_i equals the model without the wrapper under timeprest_i."""
+    args = ("--epochs", "2", "--n", "2", "--devices", "2", "--schedule", schedule)
+    out, env = str(tmp_path / "pp.pt"), {"PYTHONWARNINGS": "default"}  # (fresh interpreters: pytest records warnings)
+    proc = run_script(tmp_path, "--model", "CompiledNet", *args, "--out", out, env=env, launcher="lightning")
+    assert "torch.compile of ['net'] is not applied on a pipeline" in proc.stdout + proc.stderr
+    got = torch.load(tmp_path / "pp.pt", weights_only=False)["state_dict"]
+    assert "net._orig_mod.0.weight" in got
+    if schedule == "gpipe":
+        assert_same_params(reference("--model", "CompiledNet", *args[:4])["state_dict"], got)
+    else:
+        plain = train(tmp_path, "plain", "--model", "StemNetHead", *args)["state_dict"]
+        plain = {k.replace("net.", "net._orig_mod.", 1) if k.startswith("net.") else k: v for k, v in plain.items()}
+        assert_same_params(plain, got, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
+def test_a_compiled_lightning_module_trains(tmp_path, reference, schedule):
+    """``trainer.fit(torch.compile(model))``, as Lightning documents it: Lightning compiles the steps and forward,
+    which call the pipelined module (dynamo made graphs of what it could). gpipe equals one device uncompiled,
+    timeprest_i the uncompiled model under timeprest_i."""
+    args = ("--epochs", "2", "--n", "2")
+    got = train(tmp_path, "pp", *args, "--compile", "--devices", "2", "--schedule", schedule)
+    assert torch.load(tmp_path / "pp.pt.rank0", weights_only=False)["compiled_graphs"] > 0
+    if schedule == "gpipe":
+        assert_same_params(reference(*args)["state_dict"], got["state_dict"])
+    else:
+        plain = train(tmp_path, "plain", *args, "--devices", "2", "--schedule", schedule)
+        assert_same_params(plain["state_dict"], got["state_dict"])
+
+
+@pytest.mark.slow
+def test_a_compiled_traced_model_trains_uncompiled(tmp_path, reference):
+    """The model the steps call, not an nn.Sequential, wrapped by ``torch.compile``: traced through the wrapper
+    (torch.export failed on it), it trains as on one device with the compiled model."""
+    args = ("--model", "CompiledModel", "--epochs", "2", "--n", "2")
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--schedule", "gpipe")
+    assert_same_params(reference(*args)["state_dict"], got["state_dict"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
+def test_blocks_compiled_in_place_run_compiled_on_their_stages(tmp_path, reference, schedule):
+    """``block.compile()`` on each block of the pipelined nn.Sequential: the stages run their blocks compiled
+    (dynamo made graphs on both ranks); gpipe equals one device, timeprest_i the uncompiled blocks."""
+    args = ("--epochs", "2", "--n", "2")
+    got = train(tmp_path, "pp", "--model", "CompiledBlocks", *args, "--devices", "2", "--schedule", schedule)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"pp.pt.rank{rank}", weights_only=False)["compiled_graphs"] > 0
+    if schedule == "gpipe":
+        assert_same_params(reference("--model", "CompiledBlocks", *args)["state_dict"], got["state_dict"])
+    else:
+        plain = train(tmp_path, "plain", "--model", "Blocks", *args, "--devices", "2", "--schedule", schedule)
+        assert_same_params(plain["state_dict"], got["state_dict"])  # (compiled kernels round differently)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_v"])
 def test_lists_of_strings_in_the_batch_split_with_the_samples(tmp_path, reference, schedule):
     """Each sample's name (a list of strings from default_collate) goes with its sample into the micro-batches:

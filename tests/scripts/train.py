@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -247,6 +248,7 @@ def main() -> None:
     )
     p.add_argument("--unfreeze-at", type=int, default=-1, help="BackboneFinetuning unfreezing at this epoch")
     p.add_argument("--sync-bn", action="store_true", help="Trainer(sync_batchnorm=True)")
+    p.add_argument("--compile", action="store_true", help="fit torch.compile(model), as Lightning documents")
     p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
     p.add_argument("--accelerator", default="cpu", help="cpu|gpu (the GPU check script)")
     p.add_argument("--out", required=True)
@@ -366,7 +368,7 @@ def main() -> None:
         train_loader = make_loader(args.batch_size)
         if args.shuffle:
             train_loader = DataLoader(train_loader.dataset, batch_size=args.batch_size, shuffle=True)
-        trainer.fit(model, train_loader, val, ckpt_path=args.resume)
+        trainer.fit(torch.compile(model) if args.compile else model, train_loader, val, ckpt_path=args.resume)
     except RuntimeError:
         if os.environ.get("TEST_RAISE") and trainer.global_rank == 0:
             # a caller that catches the error and lives on (a notebook, a test): the other ranks must not wait
@@ -414,6 +416,7 @@ def main() -> None:
         record.placement["history"] = record.history
         record.placement["draws"] = getattr(model, "draws", None)
         record.placement["steps"] = record.steps
+        record.placement["compiled_graphs"] = dynamo_counters["stats"]["unique_graphs"]  # torch.compile'd here
         torch.save(record.placement, f"{args.out}.rank{trainer.global_rank}")
     if record.trace is not None:
         torch.save(record.trace, f"{args.out}.trace{trainer.global_rank}")
