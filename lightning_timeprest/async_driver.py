@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_timeprest import averaging, metrics
+from lightning_timeprest import averaging, compat, metrics
 from lightning_timeprest.async_runtime import AsyncRuntime
 from lightning_timeprest.config import PipelineConfig
 from lightning_timeprest.costs import OpClock, agreed_costs
@@ -215,7 +215,9 @@ class AsyncDriver:
             replay()
         batch, rest = stage.stage0_batch(args[0]), args[1:]
         # a mini-batch smaller than N (a short last batch) runs in fewer micro-batches, the others' slots idle
-        microbatches, sizes = split_at_most(batch, stage.num_microbatches)
+        microbatches, sizes = split_at_most(
+            batch, stage.num_microbatches, compat.combined_training_batches(module.trainer)
+        )
         weights = [size / sum(sizes) for size in sizes]
         capture = metrics.LogCapture(module)
 

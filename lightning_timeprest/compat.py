@@ -40,6 +40,7 @@ __all__ = [
     "call_eagerly",
     "call_hooks",
     "causal_mask_check",
+    "combined_training_batches",
     "compiled",
     "compute_locally",
     "data_source",
@@ -320,3 +321,10 @@ def unwrap_compiled(name: str, module: torch.nn.Module) -> tuple[str, torch.nn.M
     while isinstance(module, OptimizedModule):
         name, module = (f"{name}._orig_mod" if name else "_orig_mod"), module._orig_mod
     return name, module
+
+
+def combined_training_batches(trainer: Any) -> bool:
+    """Whether a training batch holds several loaders' batches at once: a ``CombinedLoader`` over a dict or list
+    of loaders in any mode but ``sequential`` (which yields one loader's batches at a time)."""
+    loader = trainer.fit_loop._combined_loader
+    return loader is not None and loader._mode != "sequential" and isinstance(loader.iterables, (dict, list, tuple))

@@ -10,6 +10,9 @@ passed unchanged to every micro-batch.
 
 Sizes follow :func:`torch.tensor_split`: N parts that differ by at most one sample, larger parts first. A
 mean-reduced loss is then recovered exactly as the size-weighted mean of the micro-batch losses.
+
+A training batch from several loaders (Lightning's ``CombinedLoader``: a dict or list of their batches, each of
+its own size) is split loader by loader (:func:`split_at_most` with ``combined``).
 """
 
 from __future__ import annotations
@@ -117,10 +120,25 @@ def split(batch: Any, num_microbatches: int) -> tuple[list[Any], list[int]]:
     return parts, sizes
 
 
-def split_at_most(batch: Any, num_microbatches: int) -> tuple[list[Any], list[int]]:
+def split_at_most(batch: Any, num_microbatches: int, combined: bool = False) -> tuple[list[Any], list[int]]:
     """:func:`split` into ``num_microbatches`` micro-batches, or one per sample when the batch is smaller (a short
-    last batch): the size-weighted mean of their losses is still the batch's mean."""
-    return split(batch, min(num_microbatches, batch_size(batch)))
+    last batch): the size-weighted mean of their losses is still the batch's mean.
+
+    ``combined``: ``batch`` holds several loaders' batches (Lightning's ``CombinedLoader`` over a dict or list of
+    them), each with its own size: each is split into the same number of micro-batches (at most the smallest's
+    size), micro-batch j holds every loader's j-th part, and its size is theirs summed. A loader already exhausted
+    (``None`` in ``max_size`` mode) stays ``None`` in every micro-batch."""
+    if not combined:
+        return split(batch, min(num_microbatches, batch_size(batch)))
+    keys = list(batch) if isinstance(batch, Mapping) else list(range(len(batch)))
+    present = [k for k in keys if batch[k] is not None]
+    n = min(num_microbatches, *(batch_size(batch[k]) for k in present))
+    pieces = {k: split(batch[k], n) for k in present}
+    parts = [{k: pieces[k][0][j] if k in pieces else None for k in keys} for j in range(n)]
+    sizes = [sum(pieces[k][1][j] for k in present) for j in range(n)]
+    if isinstance(batch, Mapping):
+        return [type(batch)(part) for part in parts], sizes  # type: ignore[call-arg]
+    return [type(batch)(part[k] for k in keys) for part in parts], sizes
 
 
 def join(outputs: Sequence[Any], sizes: Sequence[int] | None = None) -> Any:

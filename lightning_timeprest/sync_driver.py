@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_timeprest import metrics
+from lightning_timeprest import compat, metrics
 from lightning_timeprest.microbatch import join, split_at_most
 from lightning_timeprest.schedules import Schedule, build_schedule
 from lightning_timeprest.stage import Stage, loss_of, step_extras, weighted_loss, with_extras
@@ -136,7 +136,8 @@ class SyncDriver:
         batch, rest = stage.stage0_batch(args[0]), args[1:]
         # a batch smaller than N runs in fewer micro-batches: the size-weighted mean of their losses is still the
         # batch's mean, so the gradient equals one device's
-        microbatches, sizes = split_at_most(batch, stage.num_microbatches)
+        combined = train and compat.combined_training_batches(module.trainer)
+        microbatches, sizes = split_at_most(batch, stage.num_microbatches, combined)
         total = sum(sizes)
         scaler = stage.precision.scaler
         scale = float(scaler.get_scale()) if train and scaler is not None else 1.0  # 16-mixed: the scaled loss

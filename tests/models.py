@@ -119,6 +119,11 @@ def named_loader(batch_size: int = 18, num_samples: int = 100) -> DataLoader:
     return DataLoader(Reshaped(dataset(num_samples), lambda i, x, y: (x, y, f"s{i}")), batch_size=batch_size)
 
 
+def two_loaders(batch_size: int = 18, num_samples: int = 100) -> dict[str, DataLoader]:
+    """Two loaders of different batch sizes and lengths, trained on together (Lightning's CombinedLoader)."""
+    return {"a": loader(batch_size, num_samples), "b": loader(batch_size // 3, num_samples // 2)}
+
+
 VOCAB = 12
 
 
@@ -417,6 +422,15 @@ class CompiledBlocks(Blocks):
     """Each block compiled in place (``block.compile()``)."""
 
     compiled = True
+
+
+class TwoLoaders(StemNetHead):
+    """Trained on :func:`two_loaders`: each batch holds both loaders' batches, of different sizes; the loss is over
+    their samples together."""
+
+    def training_step(self, batch, batch_idx):
+        (xa, ya), (xb, yb) = batch["a"], batch["b"]
+        return super().training_step((torch.cat([xa, xb]), torch.cat([ya, yb])), batch_idx)
 
 
 class WithExampleInput(StemNetHead):

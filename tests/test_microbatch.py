@@ -4,7 +4,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lightning_timeprest.microbatch import MicroBatchError, batch_size, join, microbatch_sizes, split
+from lightning_timeprest.microbatch import (
+    MicroBatchError,
+    batch_size,
+    join,
+    microbatch_sizes,
+    split,
+    split_at_most,
+)
 
 
 def test_sizes_uneven_larger_first():
@@ -85,3 +92,19 @@ def test_split_is_a_view_of_the_batch():
     x = torch.arange(8.0)
     (first, _), _ = split(x, 2)
     assert first.data_ptr() == x.data_ptr()
+
+
+def test_a_batch_of_several_loaders_is_split_loader_by_loader():
+    """Lightning's CombinedLoader over a dict or list of loaders gives each loader's batch, of its own size: each
+    is split into the same number of micro-batches, at most the smallest's size; a micro-batch's size is the sum."""
+    a, b = (torch.arange(12.0), torch.arange(12)), torch.arange(6.0).reshape(6, 1)
+    parts, sizes = split_at_most({"a": a, "b": b}, 2, combined=True)
+    assert sizes == [9, 9]
+    assert torch.equal(parts[1]["a"][0], torch.arange(6.0, 12.0)) and torch.equal(parts[1]["a"][1], torch.arange(6, 12))
+    assert torch.equal(parts[0]["b"], b[:3])
+    parts, sizes = split_at_most([a, b[:2]], 4, combined=True)  # (b's short last batch: two micro-batches)
+    assert sizes == [7, 7] and isinstance(parts[0], list) and torch.equal(parts[1][1], b[1:2])
+    parts, sizes = split_at_most({"a": a, "b": None}, 3, combined=True)  # ("max_size" mode: b ran out)
+    assert sizes == [4, 4, 4] and all(p["b"] is None for p in parts)
+    with pytest.raises(MicroBatchError, match="disagree on their dim-0"):
+        split_at_most({"a": a, "b": b}, 2)  # (not known to be several loaders' batches)

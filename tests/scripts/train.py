@@ -362,6 +362,7 @@ def main() -> None:
         "TiedLM": models.token_loader,
         "DictBatch": models.dict_loader,
         "NamedSamples": models.named_loader,
+        "TwoLoaders": models.two_loaders,
     }.get(args.model, models.loader)
     val = make_loader(args.eval_batch_size or args.batch_size) if args.val else None
     try:
