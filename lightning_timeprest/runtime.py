@@ -196,7 +196,9 @@ def through_stage(
             f"the step did not call the pipelined module {module.module_name or 'forward'!r}; the step must run the "
             "model (e.g. self(x) whose forward calls it) so that the pipeline can carry the batch. A step that skips "
             "a batch (returns early, e.g. None) cannot on a pipeline, where the other stages wait for the batch: "
-            "leave such batches out in the data (the dataset, a collate_fn or a sampler)"
+            "leave such batches out in the data (the dataset, a collate_fn or a sampler). If the model your steps run "
+            "is another module (the one chosen may be, say, a larger frozen teacher called in training only), name "
+            "it: TiMePReStStrategy(module_name=...)"
         )
     return user_output, produced[0]
 

@@ -433,6 +433,26 @@ class TwoLoaders(StemNetHead):
         return super().training_step((torch.cat([xa, xb]), torch.cat([ya, yb])), batch_idx)
 
 
+class Distillation(StemNetHead):
+    """A frozen teacher, larger than the student (the largest nn.Sequential), called in training only."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__(optimizer=optimizer, lr=lr)
+        self.teacher = nn.Sequential(nn.Linear(NUM_FEATURES, 96), nn.Tanh(), nn.Linear(96, 96), nn.Tanh())
+        self.teacher.append(nn.Linear(96, NUM_CLASSES))
+        self.teacher.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            target = F.softmax(self.teacher(x), dim=1)
+        logits = self(x)
+        return F.cross_entropy(logits, y) + F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
 class WithExampleInput(StemNetHead):
     """``example_input_array`` set, as Lightning's docs suggest for the summary's sizes and TensorBoard's graph."""
 

@@ -11,7 +11,7 @@ from conftest import run_script, wait_for_ranks_to_exit
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.tuner import Tuner
-from models import ManualOptimization, SkipsABatch, StemNetHead, TwoOptimizers, loader
+from models import Distillation, ManualOptimization, SkipsABatch, StemNetHead, TwoOptimizers, loader
 from processes import GRACE_S
 
 from lightning_timeprest import PipelineConfigError, TiMePReStStrategy
@@ -38,12 +38,14 @@ def test_constructor_rejects_bad_arguments(kwargs, message):
         TiMePReStStrategy(**kwargs)
 
 
-def _fit_one_process(model, batch_size: int = 18, schedule: str = "gpipe", **trainer_kwargs):
+def _fit_one_process(
+    model, batch_size: int = 18, schedule: str = "gpipe", val_dataloaders=None, module_name=None, **trainer_kwargs
+):
     """A one-stage pipeline in this process: enough to reach every check made at setup or in a step."""
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
-        strategy=TiMePReStStrategy(schedule=schedule, num_microbatches=4),
+        strategy=TiMePReStStrategy(schedule=schedule, num_microbatches=4, module_name=module_name),
         max_steps=2,
         logger=False,
         enable_checkpointing=False,
@@ -51,7 +53,7 @@ def _fit_one_process(model, batch_size: int = 18, schedule: str = "gpipe", **tra
         enable_model_summary=False,
         **trainer_kwargs,
     )
-    trainer.fit(model, loader(batch_size))
+    trainer.fit(model, loader(batch_size), val_dataloaders)
 
 
 @pytest.mark.parametrize(
@@ -86,6 +88,18 @@ def test_unsupported_setups_fail_at_start(model, trainer_kwargs, message):
 def test_a_step_that_skips_a_batch_fails_with_the_way_out():
     with pytest.raises(RuntimeError, match="A step that skips a batch .* cannot on a pipeline.*out in the data"):
         _fit_one_process(SkipsABatch())
+
+
+def test_a_step_that_does_not_call_the_chosen_module_names_the_way_out():
+    """A frozen teacher larger than the student is the largest nn.Sequential, chosen to be pipelined, but the
+    validation step does not call it: the error says to name the model with module_name, which then trains."""
+    with pytest.raises(RuntimeError, match=r"did not call the pipelined module 'teacher'.*module_name=\.\.\."):
+        _fit_one_process(Distillation(), val_dataloaders=loader(18))
+    model = Distillation()
+    teacher = [p.detach().clone() for p in model.teacher.parameters()]
+    _fit_one_process(model, val_dataloaders=loader(18), module_name="net")
+    assert model.trainer.global_step == 2
+    assert all(torch.equal(a, p) for a, p in zip(teacher, model.teacher.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
