@@ -34,7 +34,7 @@ from lightning_timeprest.errors import PipelineConfigError, peer_lost
 from lightning_timeprest.metrics import LoggedValue
 from lightning_timeprest.microbatch import split_at_most
 from lightning_timeprest.schedules import OpCosts, OrderChoice, choose_order, version_difference
-from lightning_timeprest.stage import Stage, loss_of, step_extras, weighted_loss, with_extras
+from lightning_timeprest.stage import Stage, loss_of, loss_weights, step_extras, weighted_loss, with_extras
 from lightning_timeprest.stage_stats import cuda_peak_bytes, last_step_of_epoch
 from lightning_timeprest.versions import POLICIES
 
@@ -218,7 +218,7 @@ class AsyncDriver:
         microbatches, sizes = split_at_most(
             batch, stage.num_microbatches, compat.combined_training_batches(module.trainer)
         )
-        weights = [size / sum(sizes) for size in sizes]
+        weights = loss_weights(sizes, self.config.loss_reduction)
         capture = metrics.LogCapture(module)
 
         def call_user(j: int) -> Any:
@@ -232,9 +232,10 @@ class AsyncDriver:
         with stage.precision.train_step_context(), scope:
             engine.run_step(call_user if runtime.runs_user_code else None, sizes, weights, until)
         if runtime.is_last:
-            logged = metrics.reduce_logged(module, capture.calls[-len(sizes) :], sizes)
             outputs = engine.finished.pop(k)
-            loss, extras = weighted_loss(outputs, sizes), step_extras(outputs, sizes)
+            summed = [loss_of(o) for o in outputs] if self.config.loss_reduction == "sum" else []
+            logged = metrics.reduce_logged(module, capture.calls[-len(sizes) :], sizes, summed)
+            loss, extras = weighted_loss(outputs, sizes, self.config.loss_reduction), step_extras(outputs, sizes)
             payload = (loss, extras, logged, metrics.metric_states(module, logged), self._record())
             self._payloads[k] = payload
             for s in range(stage.num_stages - 1):

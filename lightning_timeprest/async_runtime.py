@@ -453,7 +453,7 @@ class AsyncRuntime:
             self._step_s = time.perf_counter() - start
 
     def _total_loss(self, mb: _MiniBatch) -> Tensor:
-        """The last stage: the mini-batch loss, the size-weighted sum of its micro-batch losses."""
+        """The last stage: the mini-batch loss, its micro-batch losses weighted by ``stage.loss_weights``."""
         total = None
         for j, record in sorted(mb.micro.items()):
             assert record.loss is not None

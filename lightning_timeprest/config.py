@@ -39,6 +39,7 @@ class PipelineConfig:
     max_inflight: int | None
     op_costs: OpCosts | None
     defer_weight_grads: bool
+    loss_reduction: str
 
     @property
     def is_asynchronous(self) -> bool:
@@ -184,6 +185,7 @@ def pipeline_config(
     max_inflight: int | None,
     op_costs: list[list[float]] | None,
     defer_weight_grads: bool,
+    loss_reduction: str,
 ) -> PipelineConfig:
     """Check the strategy's arguments and return them normalised; raise ``PipelineConfigError`` on a bad one."""
     schedule = str(schedule).lower()
@@ -197,6 +199,11 @@ def pipeline_config(
         raise PipelineConfigError(str(err)) from None
     per_device = _positive("processes_per_device", processes_per_device)
     assert per_device is not None
+    if loss_reduction not in ("mean", "sum"):
+        raise PipelineConfigError(
+            f"loss_reduction must be 'mean' (your loss averages over the batch's samples) or 'sum' (it sums over "
+            f"them), got {loss_reduction!r}"
+        )
     return PipelineConfig(
         schedule=schedule,
         num_microbatches=_positive("num_microbatches", num_microbatches),
@@ -215,6 +222,7 @@ def pipeline_config(
         max_inflight=_positive("max_inflight", max_inflight),
         op_costs=_op_costs(op_costs),
         defer_weight_grads=bool(defer_weight_grads),
+        loss_reduction=loss_reduction,
     )
 
 

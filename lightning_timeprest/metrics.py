@@ -120,17 +120,25 @@ def _as_tensor(value: Any) -> Tensor:
 
 
 def reduce_logged(
-    module: LightningModule, calls: Sequence[Sequence[tuple[str, Any, dict[str, Any]]]], sizes: Sequence[int]
+    module: LightningModule,
+    calls: Sequence[Sequence[tuple[str, Any, dict[str, Any]]]],
+    sizes: Sequence[int],
+    summed_losses: Sequence[Any] = (),
 ) -> list[LoggedValue]:
     """Reduce per-micro-batch log calls to one value per name, as one call on the whole mini-batch would be.
 
     ``mean`` is the mean weighted by micro-batch size (or by the ``batch_size`` given to ``self.log``); ``sum``,
-    ``max`` and ``min`` reduce plainly. The ``batch_size`` passed on is the mini-batch's.
+    ``max`` and ``min`` reduce plainly. The ``batch_size`` passed on is the mini-batch's. ``summed_losses``: the
+    micro-batches' losses of a loss that sums over the samples (``loss_reduction="sum"``); a name logged as those
+    very tensors is their sum, as the mini-batch's loss is.
     """
     by_name: dict[str, list[tuple[Any, dict[str, Any], int]]] = {}
-    for mb_calls, size in zip(calls, sizes, strict=True):
+    summed: dict[str, bool] = {}
+    for j, (mb_calls, size) in enumerate(zip(calls, sizes, strict=True)):
         for name, value, kwargs in mb_calls:
             by_name.setdefault(name, []).append((value, kwargs, size))
+            is_loss = j < len(summed_losses) and value is summed_losses[j]
+            summed[name] = summed.get(name, True) and is_loss
     paths = {id(m): name for name, m in module.named_modules() if isinstance(m, Metric)}
     out = []
     for name, entries in by_name.items():
@@ -147,7 +155,9 @@ def reduce_logged(
         dtype = tensors[-1].dtype if tensors[-1].is_floating_point() else torch.get_default_dtype()
         stacked = torch.stack([t.to(torch.float64).cpu() for t in tensors])
         how = _reduction(kwargs.get("reduce_fx", "mean"))
-        if how == "mean":
+        if how == "mean" and summed[name]:
+            reduced = stacked.sum()
+        elif how == "mean":
             w = torch.tensor(weights, dtype=torch.float64)
             reduced = (stacked * w).sum() / w.sum()
         else:

@@ -24,7 +24,7 @@ from lightning_timeprest.precision import PipelineLink, PipelinePrecision
 from lightning_timeprest.runtime import PipelineRuntime
 from lightning_timeprest.stage_stats import StageStatistics
 
-__all__ = ["Stage", "loss_of", "step_extras", "weighted_loss", "with_extras"]
+__all__ = ["Stage", "loss_of", "loss_weights", "step_extras", "weighted_loss", "with_extras"]
 
 
 def loss_of(output: Any) -> Tensor:
@@ -41,11 +41,17 @@ def loss_of(output: Any) -> Tensor:
     raise RuntimeError(f"training_step must return the loss tensor or a dict with a 'loss' key, got {type(output)}")
 
 
-def weighted_loss(outputs: Sequence[Any], sizes: Sequence[int]) -> float:
-    """A mini-batch's loss: the mean of its micro-batch losses weighted by micro-batch size (SPEC). A Python float:
-    it pickles and unpickles much faster than a tensor."""
+def loss_weights(sizes: Sequence[int], reduction: str = "mean") -> list[float]:
+    """What each micro-batch's loss counts for in its mini-batch's: its share of the samples for a loss that
+    averages over them (SPEC), 1 for one that sums over them (``loss_reduction="sum"``)."""
+    return [size / sum(sizes) for size in sizes] if reduction == "mean" else [1.0] * len(sizes)
+
+
+def weighted_loss(outputs: Sequence[Any], sizes: Sequence[int], reduction: str = "mean") -> float:
+    """A mini-batch's loss: its micro-batch losses weighted by :func:`loss_weights` (by default their mean weighted
+    by micro-batch size). A Python float: it pickles and unpickles much faster than a tensor."""
     losses = torch.stack([loss_of(o).detach().double().cpu() for o in outputs])
-    return float(((losses * torch.tensor(sizes, dtype=torch.float64)).sum() / sum(sizes)).float())
+    return float((losses * torch.tensor(loss_weights(sizes, reduction), dtype=torch.float64)).sum().float())
 
 
 def step_extras(outputs: Sequence[Any], sizes: Sequence[int]) -> dict[str, Any] | None:

@@ -153,6 +153,10 @@ class PipelineStrategyMixin:
             gradients, in fewer passes over the weights; see :mod:`~lightning_timeprest.weight_gradients`).
             ``False`` leaves them to autograd, as 1f1b always does (keeping every micro-batch's layer inputs to the
             end of the mini-batch would undo what 1f1b saves in memory).
+        loss_reduction: how your training step's loss reduces over the batch's samples, and so how a mini-batch's
+            loss is made from its micro-batches' losses: ``"mean"`` (the default; their mean weighted by
+            micro-batch size) or ``"sum"`` (their sum, for a loss with ``reduction="sum"``, such as a VAE's
+            ELBO). A value you log as the very tensor the step returns is reduced the same way.
         The remaining arguments are those of Lightning's ``DDPStrategy``.
     """
 
@@ -176,6 +180,7 @@ class PipelineStrategyMixin:
         max_inflight: int | None = None,
         op_costs: list[list[float]] | None = None,
         defer_weight_grads: bool = True,
+        loss_reduction: Literal["mean", "sum"] = "mean",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -454,7 +459,7 @@ class PipelineStrategyMixin:
             module, placement, runtime, self._groups, self.precision_plugin, self._stage_stats, self.num_replicas,
             self.global_rank, self.num_microbatches,
         )  # fmt: skip
-        self._sync = SyncDriver(self._stage, self.schedule_name)
+        self._sync = SyncDriver(self._stage, self.schedule_name, self.config.loss_reduction)
 
     def _link_precision(self, trainer: Any) -> None:
         """Connect the precision hook to this pipeline (see :mod:`lightning_timeprest.precision`)."""

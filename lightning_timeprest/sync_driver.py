@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_timeprest import compat, metrics
 from lightning_timeprest.microbatch import join, split_at_most
 from lightning_timeprest.schedules import Schedule, build_schedule
-from lightning_timeprest.stage import Stage, loss_of, step_extras, weighted_loss, with_extras
+from lightning_timeprest.stage import Stage, loss_of, loss_weights, step_extras, weighted_loss, with_extras
 from lightning_timeprest.stage_stats import StepStats, cuda_peak_bytes, last_step_of_epoch
 
 __all__ = ["SyncDriver"]
@@ -29,9 +29,10 @@ __all__ = ["SyncDriver"]
 class SyncDriver:
     """Runs synchronous training steps and forward-only evaluation steps on one stage."""
 
-    def __init__(self, stage: Stage, schedule: str) -> None:
+    def __init__(self, stage: Stage, schedule: str, loss_reduction: str = "mean") -> None:
         self.stage = stage
         self.schedule = schedule
+        self.loss_reduction = loss_reduction
         self._schedules: dict[tuple[str, int], Schedule] = {}
         self._new_grads: dict[nn.Parameter, Tensor | None] | None = None
         self._step_s = 0.0  # the optimizer steps not yet counted in a stage record
@@ -141,7 +142,8 @@ class SyncDriver:
         total = sum(sizes)
         scaler = stage.precision.scaler
         scale = float(scaler.get_scale()) if train and scaler is not None else 1.0  # 16-mixed: the scaled loss
-        weights = [size / total / module.trainer.accumulate_grad_batches * scale for size in sizes]
+        factor = scale / module.trainer.accumulate_grad_batches
+        weights = [w * factor for w in loss_weights(sizes, self.loss_reduction)]
         capture = metrics.LogCapture(module)
         user_step = getattr(module, hook)
 
@@ -160,10 +162,12 @@ class SyncDriver:
         if runtime.is_last:
             extras = None
             if train:
-                value, extras = weighted_loss(result.outputs, sizes), step_extras(result.outputs, sizes)
+                value = weighted_loss(result.outputs, sizes, self.loss_reduction)
+                extras = step_extras(result.outputs, sizes)
             else:
                 value = move_data_to_device(join(result.outputs, sizes), "cpu") if hook == "predict_step" else None
-            logged = metrics.reduce_logged(module, capture.calls, sizes)
+            summed = [loss_of(o) for o in result.outputs] if train and self.loss_reduction == "sum" else []
+            logged = metrics.reduce_logged(module, capture.calls, sizes, summed)
             payload = (value, extras, logged, metrics.metric_states(module, logged))
         if record is None:
             value, extras, logged, states = runtime.comm.broadcast_object(payload, stage.last_stage)

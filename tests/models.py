@@ -453,6 +453,16 @@ class Distillation(StemNetHead):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
 
+class SummedLoss(StemNetHead):
+    """A loss that sums over the samples (``reduction="sum"``), logged as the tensor the step returns."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, reduction="sum")
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
 class WithExampleInput(StemNetHead):
     """``example_input_array`` set, as Lightning's docs suggest for the summary's sizes and TensorBoard's graph."""
 

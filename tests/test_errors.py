@@ -31,6 +31,7 @@ from lightning_timeprest.errors import CheckpointError, PipelineCommError, peer_
         ({"schedule": "gpipe", "dynamic": True}, "dynamic=True applies to the asynchronous schedules only"),
         ({"schedule": "timeprest_i", "significance": "linear"}, "unknown significance 'linear'"),
         ({"schedule": "timeprest_i", "significance": "power", "power_beta": 2.0}, r"power_beta must be in \[0, 1\]"),
+        ({"loss_reduction": "none"}, r"loss_reduction must be 'mean' \(your loss averages .*\) or 'sum'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, message):

@@ -271,6 +271,33 @@ def test_several_training_loaders_at_once(tmp_path, reference, schedule):
 
 
 @pytest.mark.slow
+def test_a_summed_loss_with_loss_reduction_sum_equals_one_device(tmp_path, reference):
+    """A loss with ``reduction="sum"`` and ``loss_reduction="sum"``: a mini-batch's loss is the sum of its
+    micro-batch losses (N = 3, parts of 7, 7 and 6 and of the short last batch), so gpipe's weights, its step
+    losses and the logged loss (the returned tensor) equal one device's; with the default (a mean), the gradient
+    would be about 1/N of one device's."""
+    args = ("--model", "SummedLoss", "--epochs", "2", "--n", "3", "--batch-size", "20", "--lr", "0.005")
+    got = train(tmp_path, "pp", *args, "--devices", "2", "--loss-reduction", "sum")
+    ref = reference(*args)
+    assert_same_params(ref["state_dict"], got["state_dict"])
+    ours = torch.tensor([s["train_loss_step"] for s in got["steps"]])
+    theirs = torch.tensor([s["train_loss_step"] for s in ref["steps"]])
+    assert len(ours) == 10 and ours.min() > 15  # (a sum over 20 samples)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_loss_reduction_sum_under_an_asynchronous_policy(tmp_path):
+    """Under timeprest_i, a summed loss with ``loss_reduction="sum"`` and the learning rate / 20 (batches of 20)
+    trains exactly as the mean loss with the default and the full learning rate: the gradient of each micro-batch
+    counts once, 20 times the mean's (SGD with momentum is linear in it)."""
+    common = ("--epochs", "2", "--n", "2", "--batch-size", "20", "--devices", "2", "--schedule", "timeprest_i")
+    summed = train(tmp_path, "sum", "--model", "SummedLoss", "--lr", "0.005", "--loss-reduction", "sum", *common)
+    mean = train(tmp_path, "mean", "--model", "StemNetHead", "--lr", "0.1", *common)
+    assert_same_params(mean["state_dict"], summed["state_dict"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_v"])
 def test_lists_of_strings_in_the_batch_split_with_the_samples(tmp_path, reference, schedule):
     """Each sample's name (a list of strings from default_collate) goes with its sample into the micro-batches:

@@ -249,6 +249,7 @@ def main() -> None:
     p.add_argument("--unfreeze-at", type=int, default=-1, help="BackboneFinetuning unfreezing at this epoch")
     p.add_argument("--sync-bn", action="store_true", help="Trainer(sync_batchnorm=True)")
     p.add_argument("--compile", action="store_true", help="fit torch.compile(model), as Lightning documents")
+    p.add_argument("--loss-reduction", default="mean", help="the strategy's loss_reduction: mean|sum")
     p.add_argument("--ddp", action="store_true", help="Lightning's own DDP on --devices processes (a reference)")
     p.add_argument("--accelerator", default="cpu", help="cpu|gpu (the GPU check script)")
     p.add_argument("--out", required=True)
@@ -315,6 +316,7 @@ def main() -> None:
             sharded_checkpoint=args.sharded,
             processes_per_device=args.per_device,
             defer_weight_grads=not args.no_defer,
+            loss_reduction=args.loss_reduction,
         )
         kw = {"strategy": "ddp" if args.ddp else strategy, "devices": args.devices, "num_nodes": args.num_nodes}
     else:
