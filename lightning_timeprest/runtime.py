@@ -171,7 +171,9 @@ def through_stage(
         if produced:
             raise RuntimeError(
                 f"the pipelined module {module.module_name or 'forward'!r} was called twice in one step; a pipelined "
-                "module can be called once per step"
+                "module can be called once per step (it carries one batch through the stages). Call it once on the "
+                "inputs concatenated along the batch and split its output, e.g. a contrastive step's two views: "
+                "z1, z2 = self(torch.cat([x1, x2])).chunk(2) (a BatchNorm inside then normalises over both views)"
             )
         with module.drawing():
             out = module.run_layers(module.entry(args, kwargs) if is_first else inputs)

@@ -463,6 +463,21 @@ class SummedLoss(StemNetHead):
         return loss
 
 
+class TwoViews(StemNetHead):
+    """A contrastive-style step on two views of the batch: calls the model twice, or once on both concatenated."""
+
+    concatenated = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        views = (x, x + 0.1)
+        if self.concatenated:
+            z1, z2 = self(torch.cat(views)).chunk(2)
+        else:
+            z1, z2 = self(views[0]), self(views[1])
+        return F.cross_entropy(z1, y) + F.mse_loss(z1, z2)
+
+
 class WithExampleInput(StemNetHead):
     """``example_input_array`` set, as Lightning's docs suggest for the summary's sizes and TensorBoard's graph."""
 

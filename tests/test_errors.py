@@ -11,7 +11,7 @@ from conftest import run_script, wait_for_ranks_to_exit
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.tuner import Tuner
-from models import Distillation, ManualOptimization, SkipsABatch, StemNetHead, TwoOptimizers, loader
+from models import Distillation, ManualOptimization, SkipsABatch, StemNetHead, TwoOptimizers, TwoViews, loader
 from processes import GRACE_S
 
 from lightning_timeprest import PipelineConfigError, TiMePReStStrategy
@@ -101,6 +101,17 @@ def test_a_step_that_does_not_call_the_chosen_module_names_the_way_out():
     _fit_one_process(model, val_dataloaders=loader(18), module_name="net")
     assert model.trainer.global_step == 2
     assert all(torch.equal(a, p) for a, p in zip(teacher, model.teacher.parameters(), strict=True))
+
+
+def test_a_step_that_calls_the_pipelined_module_twice_names_the_way_out():
+    """Two views through the model in one step: refused with the way out (one call on both concatenated), which
+    trains."""
+    with pytest.raises(RuntimeError, match=r"called twice in one step.*self\(torch\.cat\(\[x1, x2\]\)\)\.chunk\(2\)"):
+        _fit_one_process(TwoViews())
+    model = TwoViews()
+    model.concatenated = True
+    _fit_one_process(model)
+    assert model.trainer.global_step == 2
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "timeprest_i"])
