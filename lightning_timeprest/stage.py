@@ -57,12 +57,12 @@ def weighted_loss(outputs: Sequence[Any], sizes: Sequence[int], reduction: str =
 def step_extras(outputs: Sequence[Any], sizes: Sequence[int]) -> dict[str, Any] | None:
     """What a ``training_step`` returned besides the loss (a dict's other keys), joined over a mini-batch's
     micro-batches as Lightning's ``on_train_batch_end`` would get it for the whole batch: a number or 0-dim tensor
-    per micro-batch becomes their mean weighted by micro-batch size (as the loss), tensors with a batch dimension
-    and lists of one item per sample are concatenated (:func:`join`). Detached, on the CPU, to travel to every
-    rank. ``None`` when there is none."""
+    per micro-batch becomes their mean weighted by micro-batch size (as a mean-reduced loss, whatever
+    ``loss_reduction``), tensors with a batch dimension and lists of one item per sample are concatenated
+    (:func:`join`). Detached, on the CPU, to travel to every rank. ``None`` when there is none."""
     if not isinstance(outputs[0], Mapping) or set(outputs[0]) <= {"loss"}:
         return None
-    weights = [size / sum(sizes) for size in sizes]
+    weights = loss_weights(sizes)
     extras: dict[str, Any] = {}
     for key in outputs[0]:
         if key == "loss":
